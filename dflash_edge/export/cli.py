@@ -1,0 +1,41 @@
+"""dflash-export: trace a target LLM (and optionally its DFlash drafter) into an ONNX folder."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import run_cli
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="dflash-export", description=__doc__)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a Hugging Face folder, a .gguf file, or an alias: smollm2-135m (default, embedded), "
+                        "llama3.1-8b, qwen3-4b, qwen3-8b (from the local Hugging Face cache)")
+    p.add_argument("--output", default=None, help="folder to write (default: exports/<model>)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--layers", default=None,
+                   help="tap layer ids, comma-separated (default: the drafter's, else z-lab's rule)")
+    p.add_argument("--drafter", default=None,
+                   help="a z-lab format drafter folder, or 'auto' for the alias's z-lab drafter")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .pipeline import ValidationFailed, export
+
+    try:
+        out = export(args.model, args.output, args.dtype, args.layers, args.drafter, args.force)
+    except ValidationFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    print(f'try it: dflash-generate --model {out} "Write a Python function that reverses a list."')
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_cli(main))

@@ -1,0 +1,331 @@
+"""The DFlash drafter (z-lab architecture) and its checkpoint format.
+
+A small stack of non-causal Qwen3-style layers. The tapped target features of committed tokens are fused
+(`fc` then `hidden_norm`) and projected by every layer's own k/v projections into a context cache: the
+"KV injection". A block `[last committed token, mask x (B-1)]` attends over [context ; block] with no
+mask at all, and the target's LM head turns rows 1..B-1 into the drafts. Reference: z-lab/dflash
+`dflash/model.py`; tensor names match its safetensors so checkpoints move both ways unchanged.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .modeling import DecoderLayer, DecoderSpec, RMSNorm, Rotary, attend, lm_head
+
+
+def default_tap_layer_ids(num_target_layers: int, num_taps: int = 5) -> list[int]:
+    """z-lab's rule: `num_taps` ids evenly spaced from 1 to L-3, rounded; the middle layer for one tap."""
+    if num_taps == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    return [round(start + i * (end - start) / (num_taps - 1)) for i in range(num_taps)]
+
+
+@dataclass
+class DrafterConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: list[int]
+    num_target_layers: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 40960
+    attention_bias: bool = False
+    input_embedding_scale: float = 1.0
+    output_multiplier: float = 1.0
+    final_logit_softcapping: float | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "drafter config") -> "DrafterConfig":
+        refuse_unsupported(cfg, source)
+        dcfg = cfg.get("dflash_config") or {}
+
+        def pick(name, default=None):
+            # z-lab heads put these under dflash_config, others at the top level: accept both.
+            return dcfg.get(name, cfg.get(name, default))
+
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if k not in cfg]
+        if pick("mask_token_id") is None:
+            missing.append("mask_token_id")
+        if missing:
+            raise UserError(f"{source} lacks {', '.join(missing)}; it is not a DFlash drafter config")
+        heads = cfg["num_attention_heads"]
+        num_layers = cfg["num_hidden_layers"]
+        num_target_layers = cfg.get("num_target_layers")
+        tap_ids = pick("target_layer_ids")
+        if tap_ids is None:
+            if num_target_layers is None:
+                raise UserError(f"{source} has neither target_layer_ids nor num_target_layers")
+            tap_ids = default_tap_layer_ids(num_target_layers, num_layers)
+        return cls(
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            block_size=int(pick("block_size", 16)),
+            mask_token_id=int(pick("mask_token_id")),
+            target_layer_ids=[int(i) for i in tap_ids],
+            num_target_layers=int(num_target_layers if num_target_layers is not None else max(tap_ids) + 4),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 1e6)),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            input_embedding_scale=float(pick("input_embedding_scale", 1.0)),
+            output_multiplier=float(pick("output_multiplier", 1.0)),
+            final_logit_softcapping=pick("final_logit_softcapping"),
+            raw=dict(cfg),
+        )
+
+    def spec(self) -> DecoderSpec:
+        return DecoderSpec(
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_layers=self.num_hidden_layers, num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+            qk_norm=True, attention_bias=self.attention_bias,
+        )
+
+    def to_dict(self) -> dict:
+        """A z-lab config.json: loads in the reference package, vLLM and SGLang."""
+        cfg = dict(self.raw)
+        cfg.update({
+            "architectures": ["DFlashDraftModel"],
+            "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+            "model_type": "qwen3",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0,
+            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            "sliding_window": None,
+            "use_sliding_window": False,
+            "tie_word_embeddings": False,
+            "num_target_layers": self.num_target_layers,
+            "block_size": self.block_size,
+            "dflash_config": {**(self.raw.get("dflash_config") or {}),
+                              "mask_token_id": self.mask_token_id,
+                              "target_layer_ids": self.target_layer_ids},
+        })
+        return cfg
+
+
+def refuse_unsupported(cfg: dict, source: str) -> None:
+    """Refuse checkpoints this version would run wrongly, naming the feature."""
+    dcfg = cfg.get("dflash_config") or {}
+    archs = cfg.get("architectures") or []
+    problems = []
+    if any("DFlash2" in a for a in archs) or any(k in dcfg or k in cfg for k in ("conv_kernel_size", "selector_rank")):
+        problems.append("DFlash2 (dynamic convolution and candidate selector)")
+    projector = dcfg.get("projector_type", cfg.get("projector_type", "dflash"))
+    if projector != "dflash":
+        problems.append(f"projector_type {projector!r} (only 'dflash' is supported)")
+    if "sliding_attention" in (cfg.get("layer_types") or []) or cfg.get("use_sliding_window") or dcfg.get("use_swa"):
+        problems.append("sliding-window attention layers")
+    if cfg.get("is_causal") or dcfg.get("causal"):
+        problems.append("causal draft attention")
+    if problems:
+        raise UserError(f"{source}: unsupported drafter: {'; '.join(problems)}. "
+                        "dflash-edge runs full-attention, non-causal DFlash drafters")
+
+
+def rotary_for(config: DrafterConfig) -> Rotary:
+    d = config.head_dim
+    if not config.rope_scaling:
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        return Rotary(inv_freq)
+    # Scaled rope variants: let transformers compute the frequencies it would use.
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+    hf = Qwen3RotaryEmbedding(Qwen3Config(**{k: v for k, v in config.to_dict().items() if k != "auto_map"}))
+    return Rotary(hf.inv_freq, getattr(hf, "attention_scaling", 1.0))
+
+
+class DFlashDrafter(nn.Module):
+    """The trainable drafter. The target's embedding and LM head are attached, frozen and never saved."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        spec = config.spec()
+        n_taps = len(config.target_layer_ids)
+        self.fc = nn.Linear(n_taps * config.hidden_size, config.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = rotary_for(config)
+        self.embed_weight: torch.Tensor | None = None
+        self.head_weight: torch.Tensor | None = None
+
+    def attach_target(self, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> None:
+        self.embed_weight = embed_weight.detach()
+        self.head_weight = head_weight.detach()
+
+    def context_kv(self, target_hidden: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Project tapped features into every layer's context K/V.
+
+        target_hidden: [b, n, n_taps*H] (fp32), position_ids: [b, n] -> [k_0, v_0, k_1, ...] each [b, kv, n, d].
+        The fc runs in fp32 whatever the weights' dtype: taps reach |x| ~ 25,000 and fp16 overflows there.
+        """
+        fused = F.linear(target_hidden.float(), self.fc.weight.float())
+        dtype = self.layers[0].self_attn.k_proj.weight.dtype
+        fused = self.hidden_norm(fused).to(dtype)
+        cos, sin = self.rotary(position_ids, dtype)
+        out = []
+        for layer in self.layers:
+            out += layer.self_attn.project_kv(fused, cos, sin)
+        return out
+
+    def block_hidden(self, block_embeds: torch.Tensor, position_ids: torch.Tensor,
+                     context: list[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the block over [context ; block]; non-causal, so no mask unless training packs blocks."""
+        x = block_embeds
+        cos, sin = self.rotary(position_ids, x.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            attn = layer.self_attn
+            q = attn.project_q(h, cos, sin)
+            k, v = attn.project_kv(h, cos, sin)
+            k = torch.cat([context[2 * i], k], dim=2)
+            v = torch.cat([context[2 * i + 1], v], dim=2)
+            x = x + attn.output(attend(q, k, v, bias))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed_weight)
+        if self.config.input_embedding_scale != 1.0:
+            x = x * self.config.input_embedding_scale
+        return x.to(self.fc.weight.dtype)
+
+    def logits(self, hidden: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        head_weight = self.head_weight if head_weight is None else head_weight
+        logits = lm_head(hidden.to(head_weight.dtype), head_weight)
+        if self.config.output_multiplier != 1.0:
+            logits = logits * self.config.output_multiplier
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, target_hidden, context_positions, block_ids, block_positions) -> torch.Tensor:
+        """Logits for a block given fresh context: [b, B, vocab]. Used for parity checks and training."""
+        context = self.context_kv(target_hidden, context_positions)
+        return self.logits(self.block_hidden(self.embed(block_ids), block_positions, context))
+
+
+def load_drafter(path: str | Path) -> DFlashDrafter:
+    """Load a z-lab checkpoint folder (config.json + *.safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{path} has no config.json; a DFlash drafter folder holds config.json and *.safetensors")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_file} is not valid JSON ({e})") from None
+    config = DrafterConfig.from_dict(raw, str(cfg_file))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no *.safetensors weights")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise UserError(f"cannot read {f}: {e}") from None
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    for shared in ("embed_tokens.weight", "lm_head.weight"):
+        state.pop(shared, None)
+    model = DFlashDrafter(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the DFlash layout "
+                        f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval()
+
+
+def save_drafter(model: DFlashDrafter, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write config.json + model.safetensors in z-lab's format (no embedding, no LM head)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def config_for_target(target_config, num_layers: int = 1, block_size: int = 16, mask_token_id: int = 0,
+                      tap_layer_ids: list[int] | None = None) -> DrafterConfig:
+    """A drafter config shaped like z-lab's for a given HF target config (heads copied from the target)."""
+    heads = target_config.num_attention_heads
+    taps = tap_layer_ids or default_tap_layer_ids(target_config.num_hidden_layers)
+    raw = {
+        "hidden_size": target_config.hidden_size,
+        "intermediate_size": target_config.intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(target_config, "num_key_value_heads", heads),
+        "head_dim": getattr(target_config, "head_dim", None) or target_config.hidden_size // heads,
+        "vocab_size": target_config.vocab_size,
+        "rms_norm_eps": float(target_config.rms_norm_eps),
+        "rope_theta": float(getattr(target_config, "rope_theta", 10000.0)),
+        "max_position_embeddings": target_config.max_position_embeddings,
+        "num_target_layers": target_config.num_hidden_layers,
+        "block_size": block_size,
+        "dflash_config": {"mask_token_id": mask_token_id, "target_layer_ids": taps},
+    }
+    return DrafterConfig.from_dict(raw)
+
+
+def random_drafter(config: DrafterConfig, seed: int = 0, std: float = 0.02) -> DFlashDrafter:
+    """A freshly initialised drafter (normal(0, std) weights, unit norms), as training starts from."""
+    g = torch.Generator().manual_seed(seed)
+    model = DFlashDrafter(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()

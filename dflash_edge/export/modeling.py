@@ -1,0 +1,246 @@
+"""Llama / Qwen3 decoder written for tracing into ONNX.
+
+The Hugging Face model is the source of the weights and of the rotary frequencies; this module is what
+gets traced. Owning the forward pass keeps the graph small and identical under transformers 4.x and 5.x:
+an explicit KV cache in and out, the DFlash taps as one packed output, logits only where asked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DecoderSpec:
+    """The shape of a Llama-family decoder stack, read from a Hugging Face config."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qk_norm: bool = False          # Qwen3: RMSNorm over head_dim on q and k
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config, qk_norm: bool) -> "DecoderSpec":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(config.rms_norm_eps),
+            qk_norm=qk_norm,
+            attention_bias=bool(getattr(config, "attention_bias", False)),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference models; fp16 variance overflows on real activations.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Neox-style rotary embedding from precomputed inverse frequencies (any HF rope scaling)."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float().clone(), persistent=False)
+        self.attention_scaling = float(attention_scaling)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # position_ids: [b, s] -> cos, sin: [b, 1, s, head_dim]
+        freqs = position_ids.float()[..., None] * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None], sin[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention written out in plain ops so every exporter and provider takes it.
+
+    q: [b, h, s, d]; k, v: [b, kv, t, d]; bias: additive, broadcastable to [b, h, s, t] (or None).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[b, k, H] x [V, H] -> [b, k, V] fp32.
+
+    Written as a 2-D linear so the exporter emits Gemm(transB=1) over the weight as stored: a
+    Transpose + MatMul would make ONNX Runtime fold a second, transposed copy of the vocab matrix.
+    """
+    b, k, h_dim = h.shape
+    return F.linear(h.reshape(b * k, h_dim), weight).reshape(b, k, -1).float()
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        h, i, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        self.spec = spec
+        h, d, b = spec.hidden_size, spec.head_dim, spec.attention_bias
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=b)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=b)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=b)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=b)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+
+    def project_q(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.spec.num_heads, self.spec.head_dim)
+        if self.spec.qk_norm:
+            q = self.q_norm(q)
+        return apply_rotary(q.transpose(1, 2), cos, sin)
+
+    def project_kv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (normed, rotated) and values for x: [b, s, h] -> [b, kv, s, d] each."""
+        b, s, _ = x.shape
+        k = self.k_proj(x).view(b, s, self.spec.num_kv_heads, self.spec.head_dim)
+        if self.spec.qk_norm:
+            k = self.k_norm(k)
+        v = self.v_proj(x).view(b, s, self.spec.num_kv_heads, self.spec.head_dim)
+        return apply_rotary(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        b, _, s, _ = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(b, s, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        self.self_attn = Attention(spec)
+        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, x, cos, sin, past_k, past_v, bias):
+        """Causal step: returns the new hidden state and the full (past + new) keys and values."""
+        h = self.input_layernorm(x)
+        q = self.self_attn.project_q(h, cos, sin)
+        k, v = self.self_attn.project_kv(h, cos, sin)
+        k = torch.cat([past_k, k], dim=2)
+        v = torch.cat([past_v, v], dim=2)
+        x = x + self.self_attn.output(attend(q, k, v, bias))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class TargetModel(nn.Module):
+    """The target LLM as traced: one graph for prefill and verify.
+
+    forward(input_ids [b,s], position_ids [b,s], attention_mask [b,past+s], logits_index [k], *past)
+      -> logits [b,k,vocab] (fp32), aux_hidden_states [b,s,n_taps*hidden] (fp32), *present
+    logits_index picks the positions whose logits are computed (the last one at prefill, all at verify),
+    so a long prompt never materialises [prompt, vocab] logits.
+    """
+
+    def __init__(self, spec: DecoderSpec, vocab_size: int, rotary: Rotary, tap_layer_ids: list[int],
+                 tie_word_embeddings: bool):
+        super().__init__()
+        self.spec = spec
+        self.tap_layer_ids = list(tap_layer_ids)
+        self.embed_tokens = nn.Embedding(vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary = rotary
+        self.tie_word_embeddings = tie_word_embeddings
+        if not tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, vocab_size, bias=False)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids, position_ids, attention_mask, logits_index, *past):
+        s = input_ids.shape[1]
+        total = attention_mask.shape[1]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        # Query i sits at cache slot total - s + i; it sees slots up to itself that the mask keeps.
+        query_slot = torch.arange(s, device=x.device)[:, None] + (total - s)
+        key_slot = torch.arange(total, device=x.device)[None, :]
+        visible = (key_slot <= query_slot)[None, None] & (attention_mask[:, None, None, :] > 0)
+        bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)
+
+        taps, present = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1], bias)
+            present += [k, v]
+            if i in self.tap_layer_ids:
+                taps.append(x)
+        # Taps in list order, each the output of decoder block l (HF hidden_states[l + 1]).
+        by_id = dict(zip(sorted(set(self.tap_layer_ids)), taps))
+        aux = torch.cat([by_id[i] for i in self.tap_layer_ids], dim=-1).float()
+        h = self.norm(x.index_select(1, logits_index))
+        return (lm_head(h, self.head_weight()), aux, *present)
+
+
+def load_target_from_hf(hf_model, tap_layer_ids: list[int], qk_norm: bool,
+                        dtype: torch.dtype = torch.float32) -> TargetModel:
+    """Copy a Hugging Face LlamaForCausalLM / Qwen3ForCausalLM into a TargetModel, strictly."""
+    config = hf_model.config
+    spec = DecoderSpec.from_hf_config(config, qk_norm=qk_norm)
+    rotary_src = hf_model.model.rotary_emb
+    rotary = Rotary(rotary_src.inv_freq, getattr(rotary_src, "attention_scaling", 1.0))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    model = TargetModel(spec, config.vocab_size, rotary, tap_layer_ids, tied)
+    src = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+    if tied:
+        src.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(src, strict=False)
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the {type(hf_model).__name__} layout: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(dtype).eval()

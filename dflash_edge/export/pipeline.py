@@ -1,0 +1,242 @@
+"""dflash-export, step by step: resolve, load, trace, share weights, validate, write the folder.
+
+The folder is built under a temporary name next to the output and renamed into place only once the
+manifest is written, so an interrupted export never leaves a folder a runtime would accept.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import UserError
+from ..manifest import write_manifest
+from .drafter import DFlashDrafter, default_tap_layer_ids, load_drafter
+from .modeling import load_target_from_hf
+from .sources import load_hf, resolve_drafter, resolve_model
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+class ValidationFailed(Exception):
+    """The exported graphs disagree with PyTorch beyond tolerance."""
+
+
+class Progress:
+    def __init__(self, total: int, log=print):
+        self.total, self.step, self.log, self.t = total, 0, log, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        now = time.perf_counter()
+        if self.step:
+            self.log(f"      done in {now - self.t:.1f} s")
+        self.step += 1
+        self.t = now
+        self.log(f"[{self.step}/{self.total}] {what}")
+
+    def finish(self) -> None:
+        self.log(f"      done in {time.perf_counter() - self.t:.1f} s")
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"--layers takes comma-separated layer ids like 1,8,15,22,29; got {text!r}") from None
+    if not ids:
+        raise UserError("--layers is empty")
+    return ids
+
+
+def check_fit(drafter: DFlashDrafter, config, tap_ids: list[int]) -> None:
+    """Refuse a drafter built for another target, naming the mismatch."""
+    c = drafter.config
+    problems = []
+    if c.hidden_size != config.hidden_size:
+        problems.append(f"hidden size {c.hidden_size} vs the target's {config.hidden_size}")
+    if c.vocab_size != config.vocab_size:
+        problems.append(f"vocab {c.vocab_size} vs the target's {config.vocab_size}")
+    if not 0 <= c.mask_token_id < config.vocab_size:
+        problems.append(f"mask token id {c.mask_token_id} outside the target's vocab ({config.vocab_size})")
+    bad = [i for i in c.target_layer_ids if not 0 <= i < config.num_hidden_layers]
+    if bad:
+        problems.append(f"tap layer ids {bad} outside the target's {config.num_hidden_layers} layers")
+    if c.block_size < 2:
+        problems.append(f"block size {c.block_size} (needs at least 2)")
+    if tap_ids != c.target_layer_ids:
+        problems.append(f"--layers {tap_ids} differs from the drafter's target_layer_ids {c.target_layer_ids}")
+    if problems:
+        raise UserError("the drafter does not fit this target: " + "; ".join(problems))
+
+
+def stop_ids(hf_model, tokenizer, chat: dict | None) -> list[int]:
+    """The model's end-of-turn ids: generation config eos, plus the token closing an assistant turn.
+
+    The tokenizer's own eos is not trusted: SmolLM2's GGUF reports <|im_start|> there.
+    """
+    ids = set()
+    for cfg in (hf_model.generation_config, hf_model.config):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+            break
+    if chat:
+        closing = tokenizer(chat["assistant"][1], add_special_tokens=False).input_ids
+        if closing and closing[0] in tokenizer.all_special_ids:
+            ids.add(closing[0])
+    return sorted(ids)
+
+
+def derive_chat(tokenizer, family: str, log) -> dict | None:
+    from .chat_format import derive
+
+    if not getattr(tokenizer, "chat_template", None):
+        log("      note: no chat template; dflash-generate will need --raw")
+        return None
+    # The released Qwen3 DFlash drafters were trained with thinking off.
+    kwargs = {"enable_thinking": False} if family == "qwen3" else {}
+    try:
+        return derive(tokenizer, kwargs)
+    except Exception as e:
+        log(f"      note: chat template not representable without Jinja ({e}); use --raw prompts")
+        return None
+
+
+def export(model: str, output: str | None, dtype: str = "fp32", layers: str | None = None,
+           drafter: str | None = None, force: bool = False, log=print) -> Path:
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+    source = resolve_model(model)
+    drafter_model = load_drafter(resolve_drafter(drafter, source)) if drafter else None
+    tap_ids = parse_layers(layers)
+    out = Path(output or Path("exports") / Path(model).stem).expanduser().resolve()
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to {out.parent}")
+
+    steps = Progress(6 if drafter_model else 5, log)
+    steps("loading the target with transformers")
+    hf_model, tokenizer, family = load_hf(source, log)
+    config = hf_model.config
+    if tap_ids is None:
+        tap_ids = drafter_model.config.target_layer_ids if drafter_model else default_tap_layer_ids(
+            config.num_hidden_layers)
+    bad = [i for i in tap_ids if not 0 <= i < config.num_hidden_layers]
+    if bad:
+        raise UserError(f"--layers {bad} outside the target's {config.num_hidden_layers} layers (0-based)")
+    if drafter_model:
+        check_fit(drafter_model, config, tap_ids)
+    chat = derive_chat(tokenizer, family, log)
+    stops = stop_ids(hf_model, tokenizer, chat)
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _build(tmp, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model,
+                          chat, stops, steps, log)
+        steps.finish()
+        write_manifest(tmp, manifest)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model, chat, stops,
+           steps, log) -> dict:
+    from . import trace
+    from .shared import share_weights
+    from .validate import Report, check_module, validate_drafter, validate_target
+
+    config = hf_model.config
+    report = Report(TOLERANCE[dtype])
+    target = load_target_from_hf(hf_model, tap_ids, qk_norm=(family == "qwen3"))
+    check_module(target, hf_model, report)
+    target = target.to(DTYPES[dtype])
+
+    steps(f"tracing target.onnx ({config.num_hidden_layers} layers, {dtype}, taps {tap_ids})")
+    target_io = trace.export_target(target, tmp / "target.onnx")
+    graphs = ["target.onnx"]
+    shared_names = ["embed_tokens.weight"] + ([] if target.tie_word_embeddings else ["lm_head.weight"])
+    drafter_entry = None
+    if drafter_model:
+        c = drafter_model.config
+        steps(f"tracing the drafter ({c.num_hidden_layers} layers, block {c.block_size})")
+        drafter_model = drafter_model.to(DTYPES[dtype])
+        embed, head = target.embed_tokens.weight, target.head_weight()
+        io = trace.export_drafter(drafter_model, embed, head, target.tie_word_embeddings,
+                                  tmp / "drafter_context.onnx", tmp / "drafter_block.onnx")
+        graphs.append("drafter_block.onnx")
+        drafter_entry = {
+            "block_size": c.block_size, "mask_token_id": c.mask_token_id,
+            "target_layer_ids": c.target_layer_ids, "num_layers": c.num_hidden_layers,
+            "num_kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+            "context_graph": "drafter_context.onnx", "block_graph": "drafter_block.onnx",
+            "io": io, "config": "drafter/config.json",
+        }
+        (tmp / "drafter").mkdir()
+        import json
+        (tmp / "drafter" / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+
+    steps("sharing the embedding and LM head between graphs")
+    shared = share_weights(tmp, graphs, shared_names)
+
+    manifest = {
+        "target": {
+            "architecture": family, "source": source.describe(), "hub_repo": source.hub_repo,
+            "dtype": dtype, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "num_layers": config.num_hidden_layers, "num_kv_heads": target.spec.num_kv_heads,
+            "head_dim": target.spec.head_dim, "max_context": int(config.max_position_embeddings),
+            "tap_layer_ids": tap_ids, "graph": "target.onnx", **target_io,
+        },
+        "shared_weights": shared,
+        "drafter": drafter_entry,
+        "tokenizer": "tokenizer.json",
+        "chat": chat,
+        "stop_token_ids": stops,
+    }
+
+    steps("validating the graphs against PyTorch (random inputs)")
+    validate_target(tmp, manifest, target, report)
+    if drafter_model:
+        embed, head = target.embed_tokens.weight, target.head_weight()
+        validate_drafter(tmp, manifest, drafter_model, embed, head, report)
+    for line in report.lines():
+        log(line)
+    if not report.ok:
+        raise ValidationFailed("the exported graphs disagree with PyTorch beyond tolerance (see above)")
+
+    steps("writing tokenizer, configs and manifest")
+    tokenizer.save_pretrained(tmp)
+    if not (tmp / "tokenizer.json").is_file():
+        raise UserError(f"{source.describe()} has no fast tokenizer (tokenizer.json); the runtime needs one")
+    config.save_pretrained(tmp)
+    gen = hf_model.generation_config
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gen.save_pretrained(tmp)
+    import onnx
+    import onnxruntime
+    import transformers
+    manifest["export"] = {
+        "dflash_edge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": trace.OPSET,
+        "exporter": "torch.onnx.export(dynamo=True)", "validation": report.as_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return manifest

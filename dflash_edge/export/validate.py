@@ -1,0 +1,124 @@
+"""Check exported graphs against PyTorch on random inputs and report the worst error per output.
+
+Errors are relative to the largest magnitude of the reference output: the taps reach |x| ~ 25,000 in
+real models, where an absolute tolerance says nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..runtime.session import SharedWeights, make_session
+
+
+def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    scale = max(float(np.abs(ref).max()), 1e-6)
+    return float(np.abs(got.astype(np.float64) - ref).max()) / scale
+
+
+class Report:
+    def __init__(self, tolerance: float):
+        self.tolerance = tolerance
+        self.rows: list[tuple[str, str, float | None, bool]] = []
+
+    def error(self, graph: str, name: str, err: float) -> None:
+        self.rows.append((graph, name, err, err <= self.tolerance))
+
+    def exact(self, graph: str, name: str, equal_fraction: float, needed: float = 1.0) -> None:
+        self.rows.append((graph, name, 1.0 - equal_fraction, equal_fraction >= needed))
+
+    @property
+    def ok(self) -> bool:
+        return all(r[3] for r in self.rows)
+
+    def lines(self) -> list[str]:
+        out = []
+        for graph, name, err, ok in self.rows:
+            mark = "✓" if ok else "✗"
+            out.append(f"  {mark} {graph}: {name:<22} worst relative error {err:.2e} (tolerance {self.tolerance:.0e})")
+        return out
+
+    def as_dict(self) -> dict:
+        return {f"{g}:{n}": {"error": e, "ok": ok} for g, n, e, ok in self.rows}
+
+
+def _summarise(report: Report, graph: str, names: list[str], got: list, ref: list) -> None:
+    present_worst = 0.0
+    for name, g, r in zip(names, got, ref):
+        err = rel_error(np.asarray(g), r.detach().float().numpy())
+        if name.startswith(("present.", "context.")):
+            present_worst = max(present_worst, err)
+        else:
+            report.error(graph, name, err)
+    if present_worst or any(n.startswith(("present.", "context.")) for n in names):
+        kind = "present.*" if graph == "target" else "context.*"
+        report.error(graph, kind, present_worst)
+
+
+@torch.no_grad()
+def validate_target(folder: Path, manifest: dict, target, report: Report, seed: int = 0) -> None:
+    """The ONNX graph against our module on random ids over a random cache."""
+    g = torch.Generator().manual_seed(seed)
+    spec = target.spec
+    vocab = target.embed_tokens.num_embeddings
+    dtype = target.embed_tokens.weight.dtype
+    seq, past = 6, 5
+    ids = torch.randint(0, vocab, (1, seq), generator=g)
+    cache = [torch.randn(1, spec.num_kv_heads, past, spec.head_dim, generator=g).to(dtype)
+             for _ in range(2 * spec.num_layers)]
+    args = (ids, torch.arange(past, past + seq)[None], torch.ones(1, past + seq, dtype=torch.int64),
+            torch.arange(seq), *cache)
+    ref = target(*args)
+    shared = SharedWeights(folder, manifest.get("shared_weights"))
+    session = make_session(folder / manifest["target"]["graph"], ["CPUExecutionProvider"], shared)
+    names = manifest["target"]["inputs"]
+    got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})
+    _summarise(report, "target", manifest["target"]["outputs"], got, list(ref))
+
+
+
+@torch.no_grad()
+def check_module(target, hf_model, report: Report, seed: int = 0) -> None:
+    """Our fp32 module against transformers itself on a fresh sequence: logits and every tap."""
+    g = torch.Generator().manual_seed(seed)
+    seq = 7
+    ids = torch.randint(0, target.embed_tokens.num_embeddings, (1, seq), generator=g)
+    hf_out = hf_model(ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    empty = [torch.zeros(1, target.spec.num_kv_heads, 0, target.spec.head_dim)] * (2 * target.spec.num_layers)
+    mine = target(ids, torch.arange(seq)[None], torch.ones(1, seq, dtype=torch.int64), torch.arange(seq), *empty)
+    report.error("pytorch", "logits vs transformers", rel_error(mine[0].numpy(), hf_out.logits.float().numpy()))
+    taps = torch.cat([hf_out.hidden_states[i + 1] for i in target.tap_layer_ids], dim=-1)
+    report.error("pytorch", "taps vs hidden_states", rel_error(mine[1].numpy(), taps.float().numpy()))
+
+
+@torch.no_grad()
+def validate_drafter(folder: Path, manifest: dict, drafter, embed, head, report: Report, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    cfg = drafter.config
+    d = manifest["drafter"]
+    n_feat = len(cfg.target_layer_ids) * cfg.hidden_size
+    # Feature scale like real taps: mostly O(1) with a few very large outliers.
+    feats = torch.randn(1, 7, n_feat, generator=g) * 4
+    feats[..., :: max(1, n_feat // 7)] *= 2000
+    pos = torch.arange(7)[None]
+    ref_ctx = drafter.context_kv(feats, pos)
+    shared = SharedWeights(folder, manifest.get("shared_weights"))
+    ctx_sess = make_session(folder / d["context_graph"], ["CPUExecutionProvider"], shared, prepack=False)
+    got_ctx = ctx_sess.run(None, {"target_hidden": feats.numpy(), "position_ids": pos.numpy()})
+    _summarise(report, "drafter_context", d["io"]["context"]["outputs"], got_ctx, ref_ctx)
+
+    block = cfg.block_size
+    ids = torch.tensor([[int(torch.randint(0, cfg.vocab_size, (1,), generator=g))] + [cfg.mask_token_id] * (block - 1)])
+    bpos = torch.arange(7, 7 + block)[None]
+    drafter.attach_target(embed, head)
+    hidden = drafter.block_hidden(drafter.embed(ids), bpos, ref_ctx)
+    ref_ids = drafter.logits(hidden[:, 1:]).argmax(-1).numpy()
+    blk_sess = make_session(folder / d["block_graph"], ["CPUExecutionProvider"], shared, prepack=False)
+    feeds = {"input_ids": ids.numpy(), "position_ids": bpos.numpy()}
+    feeds.update(zip(d["io"]["block"]["inputs"][2:], [c.numpy() for c in ref_ctx]))
+    got_ids = blk_sess.run(None, feeds)[0]
+    # Random weights make near-ties likely; demand most ids agree rather than all.
+    report.exact("drafter_block", "draft_ids (mismatch)", float((got_ids == ref_ids).mean()), needed=0.8)

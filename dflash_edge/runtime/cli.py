@@ -1,0 +1,87 @@
+"""dflash-generate: one reply from an exported folder, streamed, with its speed and acceptance."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import UserError, run_cli
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="dflash-generate", description=__doc__)
+    p.add_argument("prompt", help="the user message ('-' reads it from standard input)")
+    p.add_argument("--model", required=True, help="a folder written by dflash-export")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per draft/verify round (default: the drafter's trained size)")
+    p.add_argument("--no-draft", action="store_true", help="plain decoding, even if the folder has a drafter")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
+    p.add_argument("--fallback", action="store_true", help="run on CPU if the provider is unavailable")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def read_prompt(arg: str) -> str:
+    if arg == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError("the prompt on standard input is not valid UTF-8") from None
+    else:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("the prompt is not valid UTF-8") from None
+        text = arg
+    if not text.strip():
+        raise UserError("the prompt is empty")
+    return text
+
+
+def build_prompt(model, text: str, system: str | None, raw: bool) -> list[int]:
+    from .chat import render_chat
+
+    if raw:
+        return model.tokenizer.encode(text)
+    if not model.chat:
+        raise UserError(f"{model.folder} has no chat template; pass --raw to send the prompt as is")
+    messages = ([("system", system)] if system else []) + [("user", text)]
+    return model.tokenizer.encode(render_chat(model.chat, messages))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    text = read_prompt(args.prompt)
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    from .generate import generate
+    from .model import ExportedModel
+    from .tokenizer import StreamDecoder
+
+    model = ExportedModel(args.model, args.provider, args.fallback, args.threads,
+                          load_drafter=not args.no_draft)
+    if args.max_new_tokens >= model.max_context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context ({model.max_context})")
+    block = 1 if args.no_draft else model.check_block_size(args.block_size)
+    prompt_ids = build_prompt(model, text, args.system, args.raw)
+
+    stream = StreamDecoder(model.tokenizer)
+    printer = None if args.json else (lambda ids: print(stream.push(ids), end="", flush=True))
+    ids, stats = generate(model, prompt_ids, args.max_new_tokens, block, on_tokens=printer)
+    if args.json:
+        print(json.dumps({"text": model.tokenizer.decode(ids), "token_ids": ids, **stats.as_dict()}))
+    else:
+        spec = f", tau {stats.tau:.2f} at block {block}" if block > 1 else ""
+        print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
+              f"first token {stats.ttft_s * 1000:.0f} ms{spec}, {stats.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_cli(main))

@@ -1,0 +1,142 @@
+"""The decode loop: DFlash draft-and-verify, with plain decoding as the same loop at block size 1.
+
+    prefill -> [draft B-1 tokens in one drafter pass -> verify the block in one target pass ->
+    keep the longest agreeing prefix + the target's own next token -> cut the target cache back to
+    what was kept -> project the kept tokens' features into the draft cache] -> repeat
+
+At temperature 0 every emitted token is the target's argmax given the true prefix, so the output equals
+plain greedy decoding of the same graph token for token.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UserError
+from .model import DraftCache, ExportedModel
+
+# A drafter hook for tests and benchmarks: (committed ids so far, block size) -> B-1 proposed ids.
+DraftFn = Callable[[list[int], int], list[int]]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    rounds: int = 0
+    block_size: int = 1
+    acceptance: Counter = field(default_factory=Counter)  # tokens committed per round -> count
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per verify round (accepted drafts + the bonus token)."""
+        return sum(k * v for k, v in self.acceptance.items()) / self.rounds if self.rounds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first token comes from prefill; decode speed counts the ones after it.
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "finish_reason": self.finish_reason,
+            "ttft_s": round(self.ttft_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "block_size": self.block_size,
+            "rounds": self.rounds,
+            "tau": round(self.tau, 3),
+            "acceptance_histogram": {str(k): self.acceptance[k] for k in sorted(self.acceptance)},
+            "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4),
+            "other_s": round(max(0.0, self.decode_s - self.draft_s - self.verify_s), 4),
+        }
+
+
+def check_request(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int) -> None:
+    if not prompt_ids:
+        raise UserError("the prompt is empty")
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if len(prompt_ids) >= model.max_context:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {model.max_context}")
+
+
+def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
+             block_size: int | None = None, on_tokens: Callable[[list[int]], None] | None = None,
+             draft_fn: DraftFn | None = None) -> tuple[list[int], GenerationStats]:
+    """Greedy generation. block_size 1 is plain decoding; None uses the drafter's trained size."""
+    check_request(model, prompt_ids, max_new_tokens)
+    block_size = model.check_block_size(block_size) if draft_fn is None else block_size
+    # Never run past the context: the last position written is prompt + new - 1.
+    max_new_tokens = min(max_new_tokens, model.max_context - len(prompt_ids))
+    stats = GenerationStats(prompt_tokens=len(prompt_ids), block_size=block_size)
+    emit = on_tokens or (lambda ids: None)
+    stops = model.stop_token_ids
+    use_drafter = block_size > 1 and draft_fn is None
+
+    t0 = time.perf_counter()
+    cache = model.new_target_cache()
+    logits, taps, presents = model.run_target(prompt_ids, 0, cache, last_only=True)
+    cache.update(presents, len(prompt_ids))
+    token = int(np.argmax(logits[-1]))
+    out = [token]
+    stats.ttft_s = time.perf_counter() - t0
+    emit([token])
+
+    draft_cache = DraftCache()
+    pending, pending_start = taps, 0  # features not yet projected into the draft cache
+    start = len(prompt_ids)           # position of `token`, which the target has not seen yet
+    finish = "stop" if token in stops else ""
+    t_decode = time.perf_counter()
+    while not finish and len(out) < max_new_tokens:
+        block = min(block_size, max_new_tokens - len(out) + 1)  # never draft past max_new_tokens
+        drafts: list[int] = []
+        if block > 1:
+            t = time.perf_counter()
+            if use_drafter:
+                draft_cache.append(model.project_context(pending, pending_start))
+                drafts = model.draft(token, start, block, draft_cache)
+            else:
+                drafts = list(draft_fn(list(prompt_ids) + out, block))[: block - 1]
+            stats.draft_s += time.perf_counter() - t
+
+        t = time.perf_counter()
+        logits, taps, presents = model.run_target([token] + drafts, start, cache, last_only=False)
+        stats.verify_s += time.perf_counter() - t
+        choice = np.argmax(logits, axis=-1)  # the target's token after each block position
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
+            accepted += 1
+        new = drafts[:accepted] + [int(choice[accepted])]
+        # The target cache keeps [token] + accepted drafts; the bonus token is fed next round.
+        cache.update(presents, start + accepted + 1)
+        pending, pending_start = taps[: accepted + 1], start
+        start += accepted + 1
+        token = new[-1]
+
+        new = new[: max_new_tokens - len(out)]
+        for i, t_id in enumerate(new):
+            if t_id in stops:
+                new, finish = new[: i + 1], "stop"
+                break
+        stats.rounds += 1
+        stats.acceptance[len(new)] += 1
+        out += new
+        emit(new)
+
+    stats.decode_s = time.perf_counter() - t_decode
+    stats.new_tokens = len(out)
+    stats.finish_reason = finish or "length"
+    return out, stats

@@ -1,0 +1,133 @@
+"""An exported folder, loaded: the target and drafter sessions and the caches they read and write."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..manifest import read_manifest
+from .session import SharedWeights, default_threads, make_session, resolve_providers
+from .tokenizer import Tokenizer
+
+
+class TargetCache:
+    """The target's KV cache as numpy arrays [1, kv, length, d]; rollback is a cut by length."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype):
+        empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dtype)
+        self.arrays = [empty] * (2 * num_layers)
+
+    @property
+    def length(self) -> int:
+        return self.arrays[0].shape[2]
+
+    def feeds(self, names: list[str]) -> dict:
+        return dict(zip(names, self.arrays))
+
+    def update(self, presents: list[np.ndarray], keep: int) -> None:
+        self.arrays = [p if p.shape[2] == keep else p[:, :, :keep] for p in presents]
+
+
+class DraftCache:
+    """Per drafter layer, the K/V of committed context tokens. Append-only: it never rolls back."""
+
+    def __init__(self):
+        self.arrays: list[np.ndarray] | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.arrays is None else self.arrays[0].shape[2]
+
+    def append(self, new: list[np.ndarray]) -> None:
+        self.arrays = new if self.arrays is None else [np.concatenate([a, b], axis=2)
+                                                        for a, b in zip(self.arrays, new)]
+
+
+class ExportedModel:
+    """Everything in an exported folder, ready to decode. Holds no per-generation state."""
+
+    def __init__(self, folder: str | Path, provider: str = "cpu", fallback: bool = False,
+                 threads: int | None = None, load_drafter: bool = True):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.providers = resolve_providers(provider, fallback)
+        threads = threads or default_threads()
+        m = self.manifest
+        self.target_info = m["target"]
+        self.shared = SharedWeights(self.folder, m.get("shared_weights"))
+        self.target = make_session(self.folder / self.target_info["graph"], self.providers, self.shared, threads)
+        self.target_inputs = self.target_info["inputs"]
+        self.target_outputs = self.target_info["outputs"]
+        self.past_names = [n for n in self.target_inputs if n.startswith("past_key_values.")]
+        self.kv_dtype = np.float16 if self.target_info["dtype"] == "fp16" else np.float32
+        self.tokenizer = Tokenizer(self.folder / m["tokenizer"])
+        self.stop_token_ids = set(m["stop_token_ids"])
+        self.max_context = int(self.target_info["max_context"])
+        self.chat = m.get("chat")
+        self.drafter_info = m.get("drafter") if load_drafter else None
+        self.drafter_context = self.drafter_block = None
+        if self.drafter_info:
+            d = self.drafter_info
+            # The drafter is small: prepacking its weights buys little and would copy the shared LM head.
+            self.drafter_context = make_session(self.folder / d["context_graph"], self.providers, self.shared,
+                                                threads, prepack=False)
+            self.drafter_block = make_session(self.folder / d["block_graph"], self.providers, self.shared,
+                                              threads, prepack=False)
+            self.context_out = d["io"]["context"]["outputs"]
+            self.block_in = d["io"]["block"]["inputs"]
+
+    @property
+    def has_drafter(self) -> bool:
+        return self.drafter_block is not None
+
+    @property
+    def block_size(self) -> int:
+        return int(self.drafter_info["block_size"]) if self.drafter_info else 1
+
+    def new_target_cache(self) -> TargetCache:
+        t = self.target_info
+        return TargetCache(t["num_layers"], t["num_kv_heads"], t["head_dim"], self.kv_dtype)
+
+    def run_target(self, ids: list[int], start: int, cache: TargetCache, last_only: bool):
+        """Run ids at positions start.. over the cache. Returns (logits [k, V], taps [n, F], presents)."""
+        n = len(ids)
+        feeds = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
+            "attention_mask": np.ones((1, start + n), dtype=np.int64),
+            "logits_index": np.asarray([n - 1] if last_only else np.arange(n), dtype=np.int64),
+        }
+        feeds.update(cache.feeds(self.past_names))
+        outs = self.target.run(None, feeds)
+        return outs[0][0], outs[1][0], outs[2:]
+
+    def project_context(self, taps: np.ndarray, start: int) -> list[np.ndarray]:
+        """Tapped features of committed tokens at positions start.. -> per-layer context K/V."""
+        feeds = {
+            "target_hidden": taps[None].astype(np.float32, copy=False),
+            "position_ids": np.arange(start, start + len(taps), dtype=np.int64)[None],
+        }
+        return self.drafter_context.run(None, feeds)
+
+    def draft(self, last_token: int, start: int, block: int, cache: DraftCache) -> list[int]:
+        """Draft block-1 tokens after last_token (at position start) in one drafter pass."""
+        ids = [last_token] + [int(self.drafter_info["mask_token_id"])] * (block - 1)
+        feeds = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "position_ids": np.arange(start, start + block, dtype=np.int64)[None],
+        }
+        feeds.update(zip(self.block_in[2:], cache.arrays))
+        return self.drafter_block.run(None, feeds)[0][0].tolist()
+
+    def check_block_size(self, block_size: int | None) -> int:
+        if not self.has_drafter:
+            if block_size not in (None, 1):
+                raise UserError(f"{self.folder} has no drafter; --block-size needs an export made with --drafter")
+            return 1
+        trained = self.block_size
+        if block_size is None:
+            return trained
+        if not 1 <= block_size <= trained:
+            raise UserError(f"--block-size {block_size} is outside 1..{trained} (the drafter's trained block size)")
+        return block_size

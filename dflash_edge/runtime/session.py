@@ -1,0 +1,78 @@
+"""ONNX Runtime sessions: providers by name, and one shared copy of the vocab matrices."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import UserError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def resolve_providers(name: str, fallback: bool = False) -> list[str]:
+    """Provider list for ORT: the one asked for, then CPU. Unavailable -> a one-line error unless fallback."""
+    if name not in PROVIDERS:
+        raise UserError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[name]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        if not fallback:
+            hint = " (install onnxruntime-gpu instead of onnxruntime)" if name != "cpu" else ""
+            raise UserError(f"provider {name} is not available in this onnxruntime "
+                            f"(has {', '.join(available)}){hint}; pass --fallback to run on CPU")
+        return [PROVIDERS["cpu"]]
+    return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+
+
+class SharedWeights:
+    """The embedding table / LM head, memory-mapped once and handed to every session that uses them."""
+
+    def __init__(self, folder: Path, index: dict | None):
+        self.values: dict[str, ort.OrtValue] = {}
+        self.users: dict[str, list[str]] = {}
+        self._arrays = []  # keep the mapped buffers alive as long as the sessions
+        if not index:
+            return
+        path = folder / index["file"]
+        for name, t in index["tensors"].items():
+            count = int(np.prod(t["shape"]))
+            if path.stat().st_size < t["offset"] + t["length"]:
+                raise UserError(f"{path} is truncated; export the model again")
+            arr = np.memmap(path, dtype=np.dtype(t["dtype"]), mode="r", offset=t["offset"], shape=(count,))
+            arr = arr.reshape(t["shape"])
+            self._arrays.append(arr)
+            self.values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+            self.users[name] = t["graphs"]
+
+    def for_graph(self, graph: str) -> dict[str, ort.OrtValue]:
+        return {n: v for n, v in self.values.items() if graph in self.users[n]}
+
+
+def make_session(path: Path, providers: list[str], shared: SharedWeights | None = None,
+                 threads: int | None = None, prepack: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not prepack:
+        # Prepacking copies each weight into a packed layout per session; a shared weight then exists twice.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if shared:
+        for name, value in shared.for_graph(path.name).items():
+            options.add_initializer(name, value)
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # ORT raises several types for unreadable or corrupted graphs
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load {path.name}: {msg}; the file may be truncated, export again") from None
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
