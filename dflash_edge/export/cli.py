@@ -39,3 +39,7 @@ def main(argv=None) -> int:
 
 def entry() -> None:
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

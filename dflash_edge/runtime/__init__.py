@@ -1,0 +1,10 @@
+"""The torch-free runtime: numpy, onnxruntime and tokenizers only.
+
+    from dflash_edge.runtime import load
+    model = load("exports/smollm2-135m")
+    print(model.generate("Write a haiku about the sea.").text)
+"""
+from .api import DFlashModel, Result, load
+from .generate import GenerationStats
+
+__all__ = ["DFlashModel", "GenerationStats", "Result", "load"]

@@ -44,38 +44,23 @@ def read_prompt(arg: str) -> str:
     return text
 
 
-def build_prompt(model, text: str, system: str | None, raw: bool) -> list[int]:
-    from .chat import render_chat
-
-    if raw:
-        return model.tokenizer.encode(text)
-    if not model.chat:
-        raise UserError(f"{model.folder} has no chat template; pass --raw to send the prompt as is")
-    messages = ([("system", system)] if system else []) + [("user", text)]
-    return model.tokenizer.encode(render_chat(model.chat, messages))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     text = read_prompt(args.prompt)
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    from .generate import generate
-    from .model import ExportedModel
-    from .tokenizer import StreamDecoder
+    from .api import DFlashModel
 
-    model = ExportedModel(args.model, args.provider, args.fallback, args.threads,
-                          load_drafter=not args.no_draft)
-    if args.max_new_tokens >= model.max_context:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context ({model.max_context})")
-    block = 1 if args.no_draft else model.check_block_size(args.block_size)
-    prompt_ids = build_prompt(model, text, args.system, args.raw)
-
-    stream = StreamDecoder(model.tokenizer)
-    printer = None if args.json else (lambda ids: print(stream.push(ids), end="", flush=True))
-    ids, stats = generate(model, prompt_ids, args.max_new_tokens, block, on_tokens=printer)
+    model = DFlashModel(args.model, args.provider, args.fallback, args.threads, use_drafter=not args.no_draft)
+    if args.max_new_tokens >= model.model.max_context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context "
+                        f"({model.model.max_context})")
+    block = 1 if args.no_draft else model.model.check_block_size(args.block_size)
+    printer = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    result = model.generate(text, args.max_new_tokens, block, system=args.system, raw=args.raw, on_text=printer)
+    stats = result.stats
     if args.json:
-        print(json.dumps({"text": model.tokenizer.decode(ids), "token_ids": ids, **stats.as_dict()}))
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, **stats.as_dict()}))
     else:
         spec = f", tau {stats.tau:.2f} at block {block}" if block > 1 else ""
         print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
@@ -85,3 +70,7 @@ def main(argv=None) -> int:
 
 def entry() -> None:
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

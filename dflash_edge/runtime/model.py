@@ -56,7 +56,11 @@ class ExportedModel:
         m = self.manifest
         self.target_info = m["target"]
         self.shared = SharedWeights(self.folder, m.get("shared_weights"))
-        self.target = make_session(self.folder / self.target_info["graph"], self.providers, self.shared, threads)
+        self.drafter_info = m.get("drafter") if load_drafter else None
+        # Spinning pools help one session alone; sessions taking turns starve each other with them.
+        spin = not self.drafter_info
+        self.target = make_session(self.folder / self.target_info["graph"], self.providers, self.shared, threads,
+                                   spin=spin)
         self.target_inputs = self.target_info["inputs"]
         self.target_outputs = self.target_info["outputs"]
         self.past_names = [n for n in self.target_inputs if n.startswith("past_key_values.")]
@@ -65,15 +69,14 @@ class ExportedModel:
         self.stop_token_ids = set(m["stop_token_ids"])
         self.max_context = int(self.target_info["max_context"])
         self.chat = m.get("chat")
-        self.drafter_info = m.get("drafter") if load_drafter else None
         self.drafter_context = self.drafter_block = None
         if self.drafter_info:
             d = self.drafter_info
             # The drafter is small: prepacking its weights buys little and would copy the shared LM head.
             self.drafter_context = make_session(self.folder / d["context_graph"], self.providers, self.shared,
-                                                threads, prepack=False)
+                                                threads, prepack=False, spin=spin)
             self.drafter_block = make_session(self.folder / d["block_graph"], self.providers, self.shared,
-                                              threads, prepack=False)
+                                              threads, prepack=False, spin=spin)
             self.context_out = d["io"]["context"]["outputs"]
             self.block_in = d["io"]["block"]["inputs"]
 

@@ -56,11 +56,15 @@ class SharedWeights:
 
 
 def make_session(path: Path, providers: list[str], shared: SharedWeights | None = None,
-                 threads: int | None = None, prepack: bool = True) -> ort.InferenceSession:
+                 threads: int | None = None, prepack: bool = True,
+                 spin: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        # When sessions take turns on the same cores, a pool left spinning after its call starves the next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepack:
         # Prepacking copies each weight into a packed layout per session; a shared weight then exists twice.
         options.add_session_config_entry("session.disable_prepacking", "1")

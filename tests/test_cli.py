@@ -1,0 +1,145 @@
+"""The command lines: JSON output, and one clear line with exit status 2 for every bad input."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+EXPORT = [sys.executable, "-m", "dflash_edge.export.cli"]
+GENERATE = [sys.executable, "-m", "dflash_edge.runtime.cli"]
+
+
+def run(cmd, env=None, stdin=None):
+    return subprocess.run(cmd, capture_output=True, env=env, input=stdin, timeout=600)
+
+
+def test_generate_json_reports_text_ids_and_speculative_stats(tiny_llama):
+    out = run(GENERATE + ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12", "--json"])
+    assert out.returncode == 0, out.stderr.decode()
+    d = json.loads(out.stdout)
+    for key in ("text", "token_ids", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "tau", "rounds",
+                "acceptance_histogram", "draft_s", "verify_s", "block_size", "finish_reason"):
+        assert key in d, key
+    assert 1 <= len(d["token_ids"]) <= 12 and d["block_size"] == 16
+    plain = json.loads(run(GENERATE + ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12",
+                                       "--json", "--no-draft"]).stdout)
+    assert plain["token_ids"] == d["token_ids"] and plain["text"] == d["text"]
+    assert plain["block_size"] == 1
+
+
+def test_generate_streams_text_and_reports_speed(tiny_llama):
+    out = run(GENERATE + ["--model", str(tiny_llama[2]), "-", "--max-new-tokens", "5"], stdin=b"hello world")
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"tok/s" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_llama, tmp_path_factory):
+    """Damaged copies of an export."""
+    root = tmp_path_factory.mktemp("broken")
+    src = tiny_llama[2]
+    newer = shutil.copytree(src, root / "newer")
+    m = json.loads((newer / "dflash_edge.json").read_text())
+    m["format_version"] = 99
+    (newer / "dflash_edge.json").write_text(json.dumps(m))
+    truncated = shutil.copytree(src, root / "truncated")
+    data = (truncated / "target.onnx").read_bytes()
+    (truncated / "target.onnx").write_bytes(data[: len(data) // 3])
+    (root / "empty").mkdir()
+    garbled = shutil.copytree(src, root / "garbled")
+    (garbled / "dflash_edge.json").write_text("{not json")
+    return root
+
+
+GENERATE_CASES = {
+    "missing folder": (["--model", "/nonexistent/x", "hi"], "does not exist"),
+    "not an export": (["--model", "{broken}/empty", "hi"], "not a dflash-edge export"),
+    "newer manifest": (["--model", "{broken}/newer", "hi"], "format version 99"),
+    "corrupted manifest": (["--model", "{broken}/garbled", "hi"], "corrupted"),
+    "truncated graph": (["--model", "{broken}/truncated", "hi"], "target.onnx"),
+    "unknown provider": (["--model", "{export}", "hi", "--provider", "metal"], "unknown provider"),
+    "unavailable provider": (["--model", "{export}", "hi", "--provider", "tensorrt"], "not available"),
+    "empty prompt": (["--model", "{export}", "   "], "empty"),
+    "zero max tokens": (["--model", "{export}", "hi", "--max-new-tokens", "0"], "at least 1"),
+    "max tokens over context": (["--model", "{export}", "hi", "--max-new-tokens", "100000"], "context"),
+    "block over trained size": (["--model", "{export}", "hi", "--block-size", "17"], "trained block size"),
+    "prompt over context": (["--model", "{export}", "--raw", "the " * 600], "context"),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE_CASES))
+def test_generate_bad_input(case, tiny_llama, broken):
+    args, expected = GENERATE_CASES[case]
+    args = [a.format(broken=broken, export=tiny_llama[2]) for a in args]
+    out = run(GENERATE + args)
+    err = out.stderr.decode().strip()
+    assert out.returncode == 2, (case, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert expected in err, err
+
+
+def test_generate_rejects_invalid_utf8(tiny_llama):
+    out = run(GENERATE + ["--model", str(tiny_llama[2]), "-"], stdin=b"\xff\xfe bad")
+    assert out.returncode == 2 and b"UTF-8" in out.stderr
+
+
+def test_export_alias_without_weights_names_the_download(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+    out = run(EXPORT + ["--model", "llama3.1-8b", "--output", str(tmp_path / "o")], env=env)
+    err = out.stderr.decode().strip()
+    assert out.returncode == 2, err
+    assert len(err.splitlines()) == 1
+    assert "huggingface-cli download meta-llama/Llama-3.1-8B-Instruct" in err
+    assert not (tmp_path / "o").exists()
+
+
+EXPORT_CASES = {
+    "unknown alias": (["--model", "gpt5-tiny"], "unknown model"),
+    "folder without config": (["--model", "{tmp}"], "no config.json"),
+    "bad layers": (["--model", "{hf}", "--layers", "1,x"], "comma-separated"),
+    "layers past the model": (["--model", "{hf}", "--layers", "1,99"], "outside"),
+    "output exists": (["--model", "{hf}", "--output", "{tmp}"], "already exists"),
+    "drafter folder missing": (["--model", "{hf}", "--drafter", "/nonexistent/d"], "does not exist"),
+    "drafter for another target": (["--model", "{hf}", "--drafter", "{wide_drafter}"], "does not fit"),
+    "unsupported drafter": (["--model", "{hf}", "--drafter", "{swa_drafter}"], "sliding-window"),
+    "unsupported architecture": (["--model", "{gpt2}"], "not supported"),
+}
+
+
+@pytest.fixture(scope="module")
+def odd_inputs(tmp_path_factory, tiny_llama):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny import make_tokenizer
+
+    root = tmp_path_factory.mktemp("odd")
+    gpt2 = root / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt2)
+    make_tokenizer().save_pretrained(gpt2)
+    from transformers import AutoConfig
+
+    from dflash_edge.export.drafter import config_for_target, random_drafter, save_drafter
+    wider = AutoConfig.from_pretrained(tiny_llama[0])
+    wider.hidden_size = 96
+    wide = root / "wide"
+    save_drafter(random_drafter(config_for_target(wider, mask_token_id=3)), wide)
+    swa = shutil.copytree(tiny_llama[1], root / "swa")
+    cfg = json.loads((swa / "config.json").read_text())
+    cfg["layer_types"] = ["sliding_attention"]
+    (swa / "config.json").write_text(json.dumps(cfg))
+    return {"gpt2": gpt2, "wide_drafter": wide, "swa_drafter": swa}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_bad_input(case, tiny_llama, odd_inputs, tmp_path):
+    args, expected = EXPORT_CASES[case]
+    args = [a.format(tmp=tmp_path, hf=tiny_llama[0], **odd_inputs) for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out")]
+    out = run(EXPORT + args)
+    err = out.stderr.decode().strip().splitlines()
+    assert out.returncode == 2, (case, err)
+    assert err and "Traceback" not in "\n".join(err)
+    assert expected in err[-1], err
+    assert not (tmp_path / "out").exists()

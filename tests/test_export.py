@@ -1,0 +1,110 @@
+"""Target export on tiny random Llama and Qwen3: graph contract, exactness vs transformers, tap convention."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dflash_edge.runtime.generate import generate
+from dflash_edge.runtime.model import ExportedModel
+
+
+def test_manifest_describes_the_folder(tiny):
+    _, _, out = tiny
+    m = json.loads((out / "dflash_edge.json").read_text())
+    assert m["format_version"] == 1
+    assert m["target"]["graph"] == "target.onnx"
+    assert all(v["ok"] for v in m["export"]["validation"].values())
+    assert m["stop_token_ids"] == [2]
+    assert m["drafter"]["block_size"] == 16
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json",
+              "drafter/config.json", "shared_weights.data", "drafter_context.onnx", "drafter_block.onnx"):
+        assert (out / f).is_file(), f
+    assert not list(out.parent.glob(".onnx.partial-*")), "temporary export folder left behind"
+
+
+def test_graph_io_follows_the_llm_convention(tiny):
+    _, _, out = tiny
+    graph = onnx.load(str(out / "target.onnx"), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    outputs = [o.name for o in graph.output]
+    assert inputs[:3] == ["input_ids", "position_ids", "attention_mask"]
+    assert "past_key_values.0.key" in inputs and "past_key_values.5.value" in inputs
+    assert outputs[:2] == ["logits", "aux_hidden_states"]
+    assert "present.0.key" in outputs and "present.5.value" in outputs
+
+
+def test_vocab_matrices_are_stored_once(tiny):
+    _, _, out = tiny
+    for name in ("target.onnx", "drafter_block.onnx"):
+        graph = onnx.load(str(out / name), load_external_data=False).graph
+        for t in graph.initializer:
+            if t.name in ("embed_tokens.weight", "lm_head.weight"):
+                location = {e.key: e.value for e in t.external_data}["location"]
+                assert location == "shared_weights.data"
+
+
+def test_prefill_computes_logits_only_where_asked(tiny):
+    _, _, out = tiny
+    model = ExportedModel(out, load_drafter=False)
+    cache = model.new_target_cache()
+    logits, taps, _ = model.run_target(list(range(5, 25)), 0, cache, last_only=True)
+    assert logits.shape[0] == 1 and taps.shape[0] == 20
+
+
+def _hf_greedy(hf_dir, prompt_ids, n):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0, min_new_tokens=n)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("prompt", ["hello world", "the cat sat on the mat and the dog ran to the big red mat"])
+def test_plain_decoding_equals_transformers_greedy(tiny, prompt):
+    hf_dir, _, out = tiny
+    model = ExportedModel(out, load_drafter=False)
+    model.stop_token_ids = set()  # compare a fixed number of tokens
+    prompt_ids = model.tokenizer.encode(prompt)
+    ids, _ = generate(model, prompt_ids, 24, block_size=1)
+    assert ids == _hf_greedy(hf_dir, prompt_ids, 24)
+
+
+def test_taps_are_outputs_of_the_listed_blocks(tiny):
+    """z-lab's convention: tap id l = output of decoder block l = HF hidden_states[l + 1]."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, _, out = tiny
+    model = ExportedModel(out, load_drafter=False)
+    ids = model.tokenizer.encode("the dog sat on the big mat")
+    _, taps, _ = model.run_target(ids, 0, model.new_target_cache(), last_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    layer_ids = model.target_info["tap_layer_ids"]
+    h = model.target_info["hidden_size"]
+    for k, layer in enumerate(layer_ids):
+        got = taps[:, k * h:(k + 1) * h]
+        np.testing.assert_allclose(got, hs[layer + 1][0].numpy(), rtol=1e-4, atol=1e-4)
+        # An off-by-one (the block's input instead of its output) must not pass.
+        assert not np.allclose(got, hs[layer][0].numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_chat_template_matches_transformers(tiny):
+    from transformers import AutoTokenizer
+
+    from dflash_edge.runtime.chat import render_chat
+
+    hf_dir, _, out = tiny
+    model = ExportedModel(out, load_drafter=False)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    messages = [("system", "be kind"), ("user", "hello"), ("assistant", "yes"), ("user", "why")]
+    expected = tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                       add_generation_prompt=True)
+    text = render_chat(model.chat, messages)
+    assert text == expected
+    assert model.tokenizer.encode(text) == tok(expected, add_special_tokens=False).input_ids
