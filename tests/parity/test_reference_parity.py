@@ -37,9 +37,10 @@ from dflash_edge.export.drafter import (  # noqa: E402
     save_drafter,
 )
 
-# Vocabulary: 14 words + <unk> + <eos>; the mask id is the last word, as in z-lab configs it is a real row
-# of the embedding table. Small on purpose (see the module docstring).
-WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "to", "big", "red", "box", "<|mask|>"]
+# Vocabulary: <unk>, <eos>, 5 words and the mask token, whose id is a real row of the embedding table as in
+# z-lab configs. Eight tokens on purpose (see the module docstring). The weight scales and seeds were picked so
+# that every block size sees rounds that accept several drafts, up to the whole block.
+WORDS = ["the", "cat", "sat", "on", "mat", "<|mask|>"]
 SPECIALS = ["<unk>", "<eos>"]
 VOCAB = len(SPECIALS) + len(WORDS)
 EOS = 1
@@ -51,10 +52,10 @@ RTOL = 1e-4               # max |ours - ref| / max |ref|, fp32
 PROMPTS = [
     [2],
     [2, 3, 4],
-    [5, 6, 7, 8, 9, 10],
+    [5, 6, 7, 1, 0, 3],
     [3, 3, 3, 3],
-    [11, 12, 13, 2, 4, 6, 8, 10, 12, 14, 3],
-    [14, 0, 7, 7, 9],
+    [4, 5, 6, 7, 2, 4, 6, 1, 0, 3, 2],
+    [7, 0, 7, 7, 2],
 ]
 MAX_NEW = [1, 2, 7, 19, 40]   # 19 and 7 end inside a block for every block size tried
 
@@ -65,13 +66,13 @@ def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
-def _target_config():
+def _target_config(tied: bool):
     from transformers import Qwen3Config
 
     return Qwen3Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tied, initializer_range=0.5,
         eos_token_id=EOS, bos_token_id=None, pad_token_id=None,
     )
 
@@ -87,19 +88,24 @@ def _save_tokenizer(folder) -> None:
     fast.save_pretrained(folder)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """A saved tiny Qwen3 target (with tokenizer.json) and a saved random drafter for it."""
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def folders(request, tmp_path_factory):
+    """A saved tiny Qwen3 target (with tokenizer.json) and a saved random drafter for it.
+
+    Both head layouts: an LM head of its own (Qwen3-8B) and one tied to the embedding (Qwen3-4B), which the
+    exporter shares between graphs differently.
+    """
     from transformers import Qwen3ForCausalLM
 
     root = tmp_path_factory.mktemp("parity")
     torch.manual_seed(0)
-    target = Qwen3ForCausalLM(_target_config()).eval()
+    target = Qwen3ForCausalLM(_target_config(tied=request.param)).eval()
+    assert (target.lm_head.weight.data_ptr() == target.get_input_embeddings().weight.data_ptr()) == request.param
     target.save_pretrained(root / "target")
     _save_tokenizer(root / "target")
     cfg = config_for_target(target.config, num_layers=2, block_size=BLOCK, mask_token_id=MASK,
                             tap_layer_ids=TAPS)
-    save_drafter(random_drafter(cfg, seed=1, std=0.15), root / "drafter", dtype=torch.float32)
+    save_drafter(random_drafter(cfg, seed=2, std=0.3), root / "drafter", dtype=torch.float32)
     return root
 
 
@@ -128,7 +134,7 @@ def our_drafter(folders, ref_target):
 @pytest.fixture(scope="module")
 def features(ref_target):
     """Real tapped target features ([1, T, 3*H]) for a 9-token context, via the reference's extractor."""
-    ids = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    ids = torch.tensor([[2, 3, 4, 5, 6, 1, 0, 4, 3]])
     with torch.no_grad():
         out = ref_target(ids, output_hidden_states=True)
     return ref.extract_context_feature(out.hidden_states, TAPS)
@@ -143,7 +149,7 @@ def _noise(ref_target, block_ids):
 @pytest.mark.parametrize("block", [2, 4, BLOCK])
 def test_drafter_logits_fresh_context(our_drafter, ref_drafter, ref_target, features, block):
     ctx = features.shape[1]
-    block_ids = torch.tensor([[6] + [MASK] * (block - 1)])
+    block_ids = torch.tensor([[5] + [MASK] * (block - 1)])
     positions = torch.arange(ctx + block)[None]
     with torch.no_grad():
         ours = our_drafter(features, positions[:, :ctx], block_ids, positions[:, ctx:])
@@ -164,7 +170,7 @@ def test_drafter_logits_incremental_context(our_drafter, ref_drafter, ref_target
     ctx = features.shape[1]
     positions = torch.arange(ctx + BLOCK)[None]
     first_ids = torch.tensor([[4] + [MASK] * (BLOCK - 1)])    # block at positions split..
-    second_ids = torch.tensor([[6] + [MASK] * (BLOCK - 1)])   # block at positions ctx..
+    second_ids = torch.tensor([[5] + [MASK] * (BLOCK - 1)])   # block at positions ctx..
     with torch.no_grad():
         # Reference, as dflash_generate drives it: block 1 over context [0, split), crop the cache back to
         # `split`, then block 2 over the new context [split, ctx) with the cached part.
@@ -251,7 +257,7 @@ def test_exported_target_matches_reference_target(exported, ref_target):
 
 @pytest.mark.parametrize("block", [2, 4, BLOCK])
 def test_greedy_generation_matches_reference(exported, ref_drafter, ref_target, cpu_timer, block):
-    compared = rounds_compared = multi = 0
+    compared = rounds_compared = multi = longest = 0
     for prompt in PROMPTS:
         for max_new in MAX_NEW:
             ours, our_rounds = run_ours(exported, prompt, max_new, block, stops=[])
@@ -264,8 +270,9 @@ def test_greedy_generation_matches_reference(exported, ref_drafter, ref_target, 
             compared += 1
             rounds_compared += len(our_rounds)
             multi += sum(r > 1 for r in our_rounds)
+            longest = max([longest, *our_rounds])
     print(f"\nparity: block {block}: {compared} generations, {rounds_compared} rounds identical, "
-          f"{multi} rounds committed >1 token")
+          f"{multi} rounds committed >1 token (at most {longest})")
     assert multi > 0, "no round accepted a draft: the comparison never exercised acceptance"
 
 
@@ -292,11 +299,86 @@ def test_exported_stop_ids_are_the_eos(exported):
     assert exported.manifest["stop_token_ids"] == [EOS]
 
 
-def test_last_layer_tap_note(ref_target):
-    """Documented difference, not a failure: HF's hidden_states[L] (what the reference taps for id L-1) is the
-    output of the final norm, while dflash-edge taps the output of decoder block L-1 before it. Released
-    drafters tap at most layer L-3, so this only matters for custom tap lists that include the last layer."""
-    ids = torch.tensor([[2, 3, 4]])
+
+def test_exported_drafter_matches_reference(exported, ref_drafter, ref_target, features):
+    """The ONNX drafter graphs directly: context K/V projected in two chunks vs the reference's draft cache,
+    and the in-graph argmax drafts vs the argmax of the reference's logits."""
+    import numpy as np
+
+    from dflash_edge.runtime.model import DraftCache
+
+    taps = features[0].numpy()
+    ctx = len(taps)
+    cache = DraftCache()
+    cache.append(exported.project_context(taps[:4], 0))
+    cache.append(exported.project_context(taps[4:], 4))
+    compared = 0
+    for block in (2, 4, BLOCK):
+        block_ids = torch.tensor([[5] + [MASK] * (block - 1)])
+        ref_cache = ref._make_cache(ref_drafter.config)
+        with torch.no_grad():
+            hidden = ref_drafter(target_hidden=features, noise_embedding=_noise(ref_target, block_ids),
+                                 position_ids=torch.arange(ctx + block)[None], past_key_values=ref_cache,
+                                 use_cache=True)
+            logits = ref_drafter.compute_logits(hidden, ref_target.lm_head)[0, 1:]
+        ref._crop_to(ref_cache, ctx)
+        for i, layer in enumerate(ref_cache.layers):
+            assert rel_err(torch.from_numpy(np.asarray(cache.arrays[2 * i])), layer.keys) < RTOL
+            assert rel_err(torch.from_numpy(np.asarray(cache.arrays[2 * i + 1])), layer.values) < RTOL
+        drafts = exported.draft(5, ctx, block, cache)
+        top2 = logits.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-4   # skip near-ties, where fp32 rounding may pick either
+        expected = logits.argmax(-1)
+        assert [d for d, c in zip(drafts, clear) if c] == expected[clear].tolist()
+        compared += int(clear.sum())
+    print(f"\nparity: ONNX drafter: context K/V of 2 layers match, {compared} draft positions identical")
+    assert compared >= 10
+
+
+# ------------------------------------------------------------------------------------ known differences
+# Each is a discrepancy found by this suite, kept as a strict xfail so it is visible in every run and so the
+# test turns red (XPASS) once fixed, as a reminder to drop the marker.
+
+@pytest.mark.xfail(strict=True, reason="DrafterConfig.from_dict reads only a top-level rope_theta/rope_scaling; "
+                                       "transformers 5 writes rope_parameters instead")
+def test_drafter_saved_by_reference_under_transformers5(tmp_path, folders):
+    """A drafter checkpoint written by the reference (DFlashDraftModel.save_pretrained, transformers 5) with a
+    non-default rope theta loads in dflash-edge and gives the reference's logits."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config.from_pretrained(folders / "drafter")
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    model = ref.DFlashDraftModel.from_pretrained(folders / "drafter", config=config, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path)
+    written = (tmp_path / "config.json").read_text()
+    assert '"rope_parameters"' in written and '"rope_theta": 500000.0' in written
+    ours = load_drafter(tmp_path)
+    reloaded = ref.DFlashDraftModel.from_pretrained(tmp_path, dtype=torch.float32)
+    assert rel_err(ours.rotary.inv_freq, reloaded.rotary_emb.inv_freq) < 1e-6
+
+
+@pytest.mark.xfail(strict=True, reason="config_for_target reads target_config.rope_theta, absent under "
+                                       "transformers 5 (rope_parameters), and falls back to 10000")
+def test_config_for_target_copies_rope_theta_under_transformers5():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = _target_config(tied=False)
+    config = Qwen3Config(**{**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    target = Qwen3ForCausalLM(config)
+    drafter = DFlashDrafter(config_for_target(target.config, mask_token_id=MASK, tap_layer_ids=TAPS))
+    assert rel_err(drafter.rotary.inv_freq, target.model.rotary_emb.inv_freq) < 1e-6
+
+
+@pytest.mark.xfail(strict=True, reason="for tap id L-1 the reference reads HF hidden_states[L], which is after "
+                                       "the final norm; TargetModel taps the block output before it")
+def test_last_layer_tap_matches_reference(ref_target):
+    from dflash_edge.export.modeling import load_target_from_hf
+
+    last = ref_target.config.num_hidden_layers - 1
+    ids = torch.tensor([[2, 3, 4, 5]])
+    target = load_target_from_hf(ref_target, [last], qk_norm=True)
+    past = [torch.zeros(1, 2, 0, 16) for _ in range(2 * target.spec.num_layers)]
     with torch.no_grad():
-        out = ref_target.model(ids, output_hidden_states=True)
-    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+        _, aux, *_ = target(ids, torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long), torch.arange(4), *past)
+        hidden = ref_target(ids, output_hidden_states=True).hidden_states
+    assert rel_err(aux, ref.extract_context_feature(hidden, [last])) < RTOL

