@@ -1,7 +1,7 @@
 """Trace the target and drafter modules into ONNX with torch.onnx.export(dynamo=True)."""
 from __future__ import annotations
 
-import os
+import logging
 import warnings
 from pathlib import Path
 
@@ -50,6 +50,8 @@ def export_target(model: TargetModel, path: Path) -> dict:
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
+    # The exporter warns that torchvision ops are unavailable; they are never used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -60,11 +62,6 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes)
             external_data=size >= EXTERNAL_DATA_THRESHOLD,
         )
     program.save(str(path), external_data=size >= EXTERNAL_DATA_THRESHOLD)
-
-
-def quiet_export_logs() -> None:
-    # The dynamo exporter prints a line per stage; the CLI shows its own progress instead.
-    os.environ.setdefault("TORCH_LOGS", "")
 
 
 class DrafterContextGraph(torch.nn.Module):

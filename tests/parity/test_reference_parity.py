@@ -66,6 +66,16 @@ def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Tiny models gain nothing from threads, and torch's OpenMP pool fighting ONNX Runtime's for two cores
+    # made single 64-wide matmuls take milliseconds (a 30x slower suite).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _target_config(tied: bool):
     from transformers import Qwen3Config
 

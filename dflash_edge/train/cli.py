@@ -1,0 +1,148 @@
+"""dflash-train: train a DFlash drafter for a target, on CPU or CUDA, into a z-lab-format checkpoint.
+
+Stages, each cached in the work folder so an interrupted run resumes where it stopped:
+  1. sequences: the target answers every prompt (batched); optional plain text is chopped into pieces
+  2. features: the frozen target's tap features for every sequence
+  3. training: the DFlash objective (state.pt holds the optimizer and step)
+  4. the checkpoint: config.json + model.safetensors, ready for dflash-export --drafter
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError, run_cli
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="dflash-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="smollm2-135m", help="alias, Hugging Face folder or .gguf (as dflash-export)")
+    p.add_argument("--data", required=True, help="jsonl: a \"prompt\" or a \"messages\" list per line")
+    p.add_argument("--text", nargs="*", default=[], help="plain text files or folders to add (no generation)")
+    p.add_argument("--text-tokens", type=int, default=0, help="at most this many plain-text tokens")
+    p.add_argument("--output", required=True, help="checkpoint folder to write")
+    p.add_argument("--work", default=None, help="cache folder (default: OUTPUT.work)")
+    p.add_argument("--draft-layers", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--mask-token-id", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length when regenerating")
+    p.add_argument("--regen-batch", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 regenerates greedily")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--seq-len", type=int, default=512, help="plain-text piece length")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--anchors", type=int, default=64)
+    p.add_argument("--gamma", type=float, default=None, help="loss decay (default: 7 for block 16)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true")
+    return p.parse_args(argv)
+
+
+def text_files(paths: list[str]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".py", ".md", ".rst", ".txt") and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"--text {p} does not exist")
+    return files
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.block_size < 2:
+        raise UserError("--block-size must be at least 2")
+    output = Path(args.output)
+    work = Path(args.work or f"{output}.work")
+    work.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: this torch sees no CUDA device")
+    from ..export.sources import load_hf, resolve_model
+    from .data import load_sequences, read_prompts, regenerate, save_sequences, text_sequences
+
+    conversations = read_prompts(Path(args.data))[: args.limit]
+    t_start = time.perf_counter()
+    source = resolve_model(args.target)
+    hf, tokenizer, family = load_hf(source)
+    hf = hf.to(args.device)
+    template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
+
+    seq_file = work / "sequences.jsonl"
+    if seq_file.is_file():
+        seqs = load_sequences(seq_file)
+        print(f"[1/4] {len(seqs)} cached sequences in {seq_file}")
+    else:
+        print(f"[1/4] regenerating {len(conversations)} replies with the target (batch {args.regen_batch})")
+        seqs = regenerate(hf, tokenizer, conversations, args.max_new_tokens, args.regen_batch, args.device,
+                          template_kwargs, args.temperature)
+        if args.text:
+            seqs += text_sequences(tokenizer, text_files(args.text), args.seq_len, args.text_tokens)
+        save_sequences(seq_file, seqs)
+    n_tokens = sum(len(s.tokens) for s in seqs)
+    n_supervised = sum(sum(s.loss_mask) for s in seqs)
+    print(f"      {len(seqs)} sequences, {n_tokens} tokens, {n_supervised} supervised")
+
+    from ..export.drafter import config_for_target, default_tap_layer_ids, random_drafter
+    from ..export.modeling import load_target_from_hf
+    from .features import FeatureStore, compute_features
+    from .objective import default_gamma
+    from .trainer import TrainConfig, train, write_checkpoint
+
+    taps = default_tap_layer_ids(hf.config.num_hidden_layers)
+    if FeatureStore.exists(work):
+        store = FeatureStore(work)
+        print(f"[2/4] cached features in {work}")
+    else:
+        print(f"[2/4] computing tap features {taps} with the frozen target")
+        target = load_target_from_hf(hf.cpu(), taps, qk_norm=family == "qwen3").to(args.device)
+        store = compute_features(target, seqs, work, args.device)
+        del target
+    if not 0 <= args.mask_token_id < hf.config.vocab_size:
+        raise UserError(f"--mask-token-id {args.mask_token_id} is outside the vocab ({hf.config.vocab_size})")
+
+    config = config_for_target(hf.config, num_layers=args.draft_layers, block_size=args.block_size,
+                               mask_token_id=args.mask_token_id, tap_layer_ids=taps)
+    drafter = random_drafter(config, seed=args.seed).to(args.device)
+    embed = hf.get_input_embeddings().weight.to(args.device)
+    head = hf.get_output_embeddings().weight.to(args.device)
+    drafter.attach_target(embed, head)
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, batch=args.batch, anchors=args.anchors,
+                      gamma=args.gamma or default_gamma(args.block_size), seed=args.seed, device=args.device)
+    print(f"[3/4] training a {args.draft_layers}-layer drafter, block {args.block_size}, {cfg.anchors} anchors "
+          f"per sequence, {cfg.steps} steps on {args.device}")
+    result = train(drafter, store, seqs, work, cfg)
+    print(f"[4/4] writing {output}")
+    write_checkpoint(drafter.cpu().float(), output)
+    report = {
+        "target": source.describe(), "command": "dflash-train " + " ".join(argv or sys.argv[1:]),
+        "sequences": len(seqs), "tokens": n_tokens, "supervised_tokens": n_supervised,
+        "steps": result["step"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
+        "final": {k: result.get(k) for k in ("loss", "tau_estimate")}, "history": result["history"],
+    }
+    (output / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"done: loss {result.get('loss', float('nan')):.3f}, held-out tau estimate "
+          f"{result.get('tau_estimate', float('nan')):.2f}")
+    print(f"export it: dflash-export --model {args.target} --drafter {output}")
+    return 0
+
+
+def entry() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

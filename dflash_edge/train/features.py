@@ -1,0 +1,78 @@
+"""Tap features of training sequences, computed once by the frozen target and cached on disk.
+
+Stored as one fp16 memmap ([total_tokens, n_taps*H]) plus an offsets index; taps reach |x| ~ 25,000,
+inside fp16's range, and the drafter's fc sees them in fp32.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Sequence
+
+
+class FeatureStore:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        meta = json.loads((folder / "features.json").read_text())
+        self.offsets = meta["offsets"]
+        self.width = meta["width"]
+        total = self.offsets[-1]
+        self.data = np.memmap(folder / "features.f16", dtype=np.float16, mode="r", shape=(total, self.width))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return torch.from_numpy(np.asarray(self.data[a:b], dtype=np.float32))
+
+    @staticmethod
+    def exists(folder: Path) -> bool:
+        return (folder / "features.json").is_file()
+
+
+@torch.no_grad()
+def compute_features(target, seqs: list[Sequence], folder: Path, device: str, log=print,
+                     batch_tokens: int = 4096) -> FeatureStore:
+    """Run the target module (export/modeling.TargetModel) over every sequence; write the store."""
+    width = len(target.tap_layer_ids) * target.spec.hidden_size
+    offsets = [0]
+    for s in seqs:
+        offsets.append(offsets[-1] + len(s.tokens))
+    tmp = folder / "features.f16.tmp"
+    data = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(offsets[-1], width))
+    spec = target.spec
+    t0 = time.perf_counter()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
+    i = 0
+    while i < len(order):
+        # Batch sequences of similar length up to batch_tokens, right-padded (causal: padding is harmless).
+        batch = [order[i]]
+        while (i + len(batch) < len(order)
+               and (len(batch) + 1) * len(seqs[order[i + len(batch)]].tokens) <= batch_tokens):
+            batch.append(order[i + len(batch)])
+        width_now = max(len(seqs[j].tokens) for j in batch)
+        ids = torch.zeros(len(batch), width_now, dtype=torch.long)
+        for r, j in enumerate(batch):
+            ids[r, :len(seqs[j].tokens)] = torch.tensor(seqs[j].tokens)
+        empty = [torch.zeros(len(batch), spec.num_kv_heads, 0, spec.head_dim, device=device,
+                             dtype=target.embed_tokens.weight.dtype)] * (2 * spec.num_layers)
+        pos = torch.arange(width_now)[None].expand(len(batch), -1)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            _, taps, *_ = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
+                                 torch.tensor([width_now - 1], device=device), *empty)
+        taps = taps.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
+        for r, j in enumerate(batch):
+            n = len(seqs[j].tokens)
+            data[offsets[j]:offsets[j] + n] = taps[r, :n]
+        i += len(batch)
+        if i == len(order) or i % 64 < len(batch):
+            rate = offsets[-1] * i / len(order) / (time.perf_counter() - t0)
+            log(f"  features {i}/{len(order)} sequences, ~{rate:.0f} tok/s")
+    data.flush()
+    del data
+    tmp.rename(folder / "features.f16")
+    (folder / "features.json").write_text(json.dumps({"offsets": offsets, "width": width}))
+    return FeatureStore(folder)

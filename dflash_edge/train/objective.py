@@ -1,0 +1,97 @@
+"""The DFlash training objective: many anchored blocks per sequence in one packed forward pass.
+
+For a sequence with tapped target features F[0..S-1] and tokens x[0..S-1]:
+  - anchors p are sampled among supervised positions with p + B <= S;
+  - block b is [x[p_b], mask x (B-1)] at positions p_b .. p_b+B-1;
+  - block b attends to context positions strictly before p_b (the anchor's own feature does not exist
+    at inference: the bonus token has not been through the target yet) and to its own block, both ways;
+  - row k of block b predicts x[p_b + k] (no shift); row 0 is the anchor itself and carries no loss;
+  - the loss weight of row k is exp(-(k-1)/gamma), normalised by the weights actually used.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..export.drafter import DFlashDrafter
+
+
+def sample_anchors(loss_mask: torch.Tensor, block: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Up to `count` distinct sorted anchors among supervised positions p with p + block <= len."""
+    s = loss_mask.shape[0]
+    allowed = loss_mask.clone().bool()
+    allowed[max(0, s - block + 1):] = False
+    candidates = allowed.nonzero().flatten()
+    if candidates.numel() == 0:
+        return candidates
+    pick = torch.randperm(candidates.numel(), generator=generator)[:count]
+    return candidates[pick].sort().values
+
+
+def block_mask_bias(anchors: torch.Tensor, seq_len: int, block: int) -> torch.Tensor:
+    """Additive attention bias [1, 1, N*B, S + N*B]: block b sees context < p_b and its own block."""
+    n = anchors.numel()
+    rows = torch.arange(n * block) // block                        # block index of each query row
+    ctx_ok = torch.arange(seq_len)[None, :] < anchors[rows][:, None]
+    blk_ok = rows[:, None] == (torch.arange(n * block) // block)[None, :]
+    allowed = torch.cat([ctx_ok, blk_ok], dim=1)
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def loss_weights(block: int, gamma: float) -> torch.Tensor:
+    """Per-row weights: 0 for the anchor row, exp(-(k-1)/gamma) for rows k >= 1."""
+    k = torch.arange(block, dtype=torch.float32)
+    w = torch.exp(-(k - 1) / gamma)
+    w[0] = 0.0
+    return w
+
+
+def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                anchors: torch.Tensor, gamma: float, vocab_subset: torch.Tensor | None = None):
+    """Weighted cross-entropy of one packed sequence. Returns (loss, accepted-length proxy stats).
+
+    features [S, n_taps*H] fp32, tokens [S], loss_mask [S] (1 on response tokens), anchors [N].
+    vocab_subset: optional sorted ids the softmax runs over (a reduced draft vocabulary); labels outside
+    it are dropped from the loss.
+    """
+    cfg = drafter.config
+    block = cfg.block_size
+    s = tokens.shape[0]
+    n = anchors.numel()
+    offsets = torch.arange(block)
+    positions = (anchors[:, None] + offsets[None, :]).flatten()            # [N*B]
+    block_ids = torch.full((n, block), cfg.mask_token_id, dtype=torch.long)
+    block_ids[:, 0] = tokens[anchors]
+    labels = tokens[positions.clamp(max=s - 1)].view(n, block)
+    valid = loss_mask[positions.clamp(max=s - 1)].view(n, block).bool() & (positions.view(n, block) < s)
+
+    context = drafter.context_kv(features[None], torch.arange(s)[None])
+    bias = block_mask_bias(anchors, s, block)
+    hidden = drafter.block_hidden(drafter.embed(block_ids.flatten()[None]), positions[None], context, bias)
+    hidden = hidden[0].view(n, block, -1)[:, 1:]                            # drop anchor rows
+    labels, valid = labels[:, 1:], valid[:, 1:]
+    head = drafter.head_weight
+    if vocab_subset is not None:
+        head = head[vocab_subset]
+        remapped = torch.searchsorted(vocab_subset, labels)
+        inside = remapped < vocab_subset.numel()
+        inside &= vocab_subset[remapped.clamp(max=vocab_subset.numel() - 1)] == labels
+        valid = valid & inside
+        labels = remapped.clamp(max=vocab_subset.numel() - 1)
+    logits = F.linear(hidden.to(head.dtype), head).float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    w = loss_weights(block, gamma)[1:][None, :].expand_as(labels) * valid
+    loss = (ce.view_as(labels) * w).sum() / w.sum().clamp(min=1e-6)
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == labels) & valid
+        # Accepted length per block if drafted greedily: the run of correct rows from row 1.
+        run = torch.cumprod(correct.int(), dim=1).sum(1)
+    return loss, {"accept": run.float().mean().item() + 1.0, "rows": int(valid.sum())}
+
+
+def default_gamma(block: int) -> float:
+    """z-lab's decay: 7 for block 16, 5 for block 10, 4 for block 8 (interpolated elsewhere)."""
+    table = {16: 7.0, 10: 5.0, 8: 4.0}
+    return table.get(block, max(1.0, 7.0 * math.log(block) / math.log(16)))

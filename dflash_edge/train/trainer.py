@@ -1,0 +1,144 @@
+"""The training loop: AdamW, warmup + cosine, fp32 master weights, clipping, resumable checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..export.drafter import DFlashDrafter, save_drafter
+from .features import FeatureStore
+from .objective import dflash_loss, sample_anchors
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    minutes: float | None = None       # stop early at this wall-clock budget (the schedule uses `steps`)
+    lr: float = 6e-4
+    warmup: float = 0.04
+    batch: int = 4                     # sequences per optimizer step
+    anchors: int = 64                  # blocks per sequence
+    gamma: float = 7.0
+    clip: float = 1.0
+    eval_every: int = 100
+    save_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], cfg: TrainConfig,
+             vocab_subset) -> dict:
+    """Held-out loss and the acceptance the drafter would get on teacher-forced blocks."""
+    drafter.eval()
+    g = torch.Generator().manual_seed(1234)
+    losses, accepts = [], []
+    with torch.no_grad():
+        for i in ids:
+            s = seqs[i]
+            mask = torch.tensor(s.loss_mask)
+            anchors = sample_anchors(mask, drafter.config.block_size, cfg.anchors, g)
+            if anchors.numel() == 0:
+                continue
+            loss, info = dflash_loss(drafter, store[i].to(cfg.device), torch.tensor(s.tokens, device=cfg.device),
+                                     mask.to(cfg.device), anchors.to(cfg.device), cfg.gamma, vocab_subset)
+            losses.append(loss.item())
+            accepts.append(info["accept"])
+    drafter.train()
+    if not losses:
+        return {"loss": float("nan"), "tau_estimate": float("nan")}
+    return {"loss": sum(losses) / len(losses), "tau_estimate": sum(accepts) / len(accepts)}
+
+
+def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: TrainConfig, vocab_subset=None,
+          log=print) -> dict:
+    """Train in place; resumes from work/state.pt if it exists. Returns the final metrics."""
+    rng = random.Random(cfg.seed)
+    order = list(range(len(seqs)))
+    rng.shuffle(order)
+    n_eval = max(1, len(order) // 20)
+    eval_ids, train_ids = order[:n_eval], order[n_eval:] or order
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, history = 0, []
+    state_path = work / "state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=cfg.device, weights_only=False)
+        drafter.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+        rng.setstate(state["rng"])
+        log(f"  resumed at step {step}")
+    g = torch.Generator().manual_seed(cfg.seed + step)
+    drafter.train()
+    t0, tokens, started = time.perf_counter(), 0, step
+    metrics = {}
+    while step < cfg.steps:
+        if cfg.minutes is not None and time.perf_counter() - t0 > cfg.minutes * 60:
+            log(f"  time budget of {cfg.minutes} min reached at step {step}")
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.batch):
+            i = train_ids[rng.randrange(len(train_ids))]
+            s = seqs[i]
+            mask = torch.tensor(s.loss_mask)
+            anchors = sample_anchors(mask, drafter.config.block_size, cfg.anchors, g)
+            if anchors.numel() == 0:
+                continue
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cfg.device == "cuda"):
+                loss, info = dflash_loss(drafter, store[i].to(cfg.device), torch.tensor(s.tokens, device=cfg.device),
+                                         mask.to(cfg.device), anchors.to(cfg.device), cfg.gamma, vocab_subset)
+            (loss / cfg.batch).backward()
+            total += loss.item() / cfg.batch
+            tokens += info["rows"]
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        step += 1
+        if step % 10 == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            rate = (step - started) / elapsed
+            eta = (cfg.steps - step) / rate if rate else 0
+            log(f"  step {step}/{cfg.steps} loss {total:.3f} lr {lr_at(step, cfg):.2e} "
+                f"{tokens / elapsed:.0f} tok/s ETA {eta / 60:.1f} min")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics = evaluate(drafter, store, seqs, eval_ids, cfg, vocab_subset)
+            history.append({"step": step, "train_loss": total, **metrics})
+            log(f"  eval step {step}: loss {metrics['loss']:.3f}, tau estimate {metrics['tau_estimate']:.2f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_state(drafter, opt, step, history, rng, work)
+    if step % cfg.save_every:
+        save_state(drafter, opt, step, history, rng, work)
+    (work / "history.json").write_text(json.dumps({"config": asdict(cfg), "history": history}, indent=1))
+    return {"step": step, "history": history, **metrics}
+
+
+def save_state(drafter, opt, step, history, rng, work: Path) -> None:
+    tmp = work / "state.pt.tmp"
+    torch.save({"model": drafter.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "history": history, "rng": rng.getstate()}, tmp)
+    tmp.rename(work / "state.pt")
+
+
+def write_checkpoint(drafter: DFlashDrafter, output: Path) -> None:
+    """The z-lab checkpoint (bf16 safetensors + config.json), written atomically."""
+    tmp = output.parent / f".{output.name}.tmp"
+    save_drafter(drafter, tmp, dtype=torch.bfloat16)
+    if output.exists():
+        import shutil
+        shutil.rmtree(output)
+    tmp.rename(output)
