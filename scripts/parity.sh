@@ -23,16 +23,21 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
+pip_install() {
+    # This machine's pip also lists local wheel folders; drop their "Location ... is ignored" chatter.
+    "$PY" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "== installing the reference environment into $VENV"
-    "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q "$TORCH"
+    pip_install --upgrade pip
+    pip_install "$TORCH"
     # The project's export and test extras, listed by hand so transformers stays at the reference's pin.
-    "$PY" -m pip install -q "$TORCH" "$TRANSFORMERS" onnx onnxscript onnxruntime safetensors gguf \
+    pip_install "$TORCH" "$TRANSFORMERS" onnx onnxscript onnxruntime safetensors gguf \
         accelerate numpy tokenizers pytest
     # dflash's own dependencies (datasets, requests, tqdm) serve only its benchmark script.
-    "$PY" -m pip install -q --no-deps "$DFLASH"
-    "$PY" -m pip install -q --no-deps -e .
+    pip_install --no-deps "$DFLASH"
+    pip_install --no-deps -e .
     echo "$WANT" > "$STAMP"
 fi
 
@@ -46,7 +51,7 @@ import dflash.model  # noqa: F401  (fails here, not as a silent skip, if the ref
 PY
 
 echo "== parity against the reference (tests/parity)"
-"$PY" -m pytest tests/parity -m parity -q -rs "$@"
+"$PY" -m pytest tests/parity -m parity -q -rsx "$@"
 
 if [ -f tests/test_export.py ]; then
     echo "== the project's fast tests under transformers 5"

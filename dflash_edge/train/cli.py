@@ -71,14 +71,21 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise UserError("--device cuda: this torch sees no CUDA device")
     from ..export.sources import load_hf, resolve_model
-    from .data import load_sequences, read_prompts, regenerate, save_sequences, text_sequences
+    from ..export.drafter import config_for_target, default_tap_layer_ids, random_drafter
+    from ..export.modeling import load_target_from_hf
+    from ..export.pipeline import stop_ids
+    from .data import chat_prompts, load_sequences, read_prompts, regenerate, save_sequences, text_sequences
+    from .features import FeatureStore, compute_features
+    from .objective import default_gamma
+    from .trainer import TrainConfig, train, write_checkpoint
 
     conversations = read_prompts(Path(args.data))[: args.limit]
     t_start = time.perf_counter()
     source = resolve_model(args.target)
     hf, tokenizer, family = load_hf(source)
-    hf = hf.to(args.device)
     template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
+    taps = default_tap_layer_ids(hf.config.num_hidden_layers)
+    target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").to(args.device)
 
     seq_file = work / "sequences.jsonl"
     if seq_file.is_file():
@@ -86,8 +93,12 @@ def main(argv=None) -> int:
         print(f"[1/4] {len(seqs)} cached sequences in {seq_file}")
     else:
         print(f"[1/4] regenerating {len(conversations)} replies with the target (batch {args.regen_batch})")
-        seqs = regenerate(hf, tokenizer, conversations, args.max_new_tokens, args.regen_batch, args.device,
-                          template_kwargs, args.temperature)
+        from ..export.chat_format import derive
+        chat = derive(tokenizer, template_kwargs) if tokenizer.chat_template else None
+        stops = set(stop_ids(hf, tokenizer, chat))
+        prompts = chat_prompts(tokenizer, conversations, template_kwargs)
+        seqs = regenerate(target, prompts, args.max_new_tokens, args.regen_batch, args.device, stops,
+                          args.temperature)
         if args.text:
             seqs += text_sequences(tokenizer, text_files(args.text), args.seq_len, args.text_tokens)
         save_sequences(seq_file, seqs)
@@ -95,21 +106,13 @@ def main(argv=None) -> int:
     n_supervised = sum(sum(s.loss_mask) for s in seqs)
     print(f"      {len(seqs)} sequences, {n_tokens} tokens, {n_supervised} supervised")
 
-    from ..export.drafter import config_for_target, default_tap_layer_ids, random_drafter
-    from ..export.modeling import load_target_from_hf
-    from .features import FeatureStore, compute_features
-    from .objective import default_gamma
-    from .trainer import TrainConfig, train, write_checkpoint
-
-    taps = default_tap_layer_ids(hf.config.num_hidden_layers)
     if FeatureStore.exists(work):
         store = FeatureStore(work)
         print(f"[2/4] cached features in {work}")
     else:
         print(f"[2/4] computing tap features {taps} with the frozen target")
-        target = load_target_from_hf(hf.cpu(), taps, qk_norm=family == "qwen3").to(args.device)
         store = compute_features(target, seqs, work, args.device)
-        del target
+    del target
     if not 0 <= args.mask_token_id < hf.config.vocab_size:
         raise UserError(f"--mask-token-id {args.mask_token_id} is outside the vocab ({hf.config.vocab_size})")
 

@@ -53,41 +53,73 @@ def read_prompts(path: Path) -> list[list[dict]]:
 
 
 @torch.no_grad()
-def regenerate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
-               device: str, template_kwargs: dict, temperature: float = 0.0, log=print) -> list[Sequence]:
-    """Answer every conversation with the target, batched with left padding. Returns prompt+reply."""
-    prompts = [tokenizer.apply_chat_template(c, tokenize=True, add_generation_prompt=True, **template_kwargs)
-               for c in conversations]
-    prompts = [list(p["input_ids"] if isinstance(p, dict) else p) for p in prompts]
+def greedy_batch(target, prompts: list[list[int]], max_new_tokens: int, stops: set[int], device: str,
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Decode a batch with the traced target module (export/modeling.TargetModel) and a KV cache.
+
+    Prompts are left-padded; the attention mask hides the padding and positions count real tokens only.
+    """
+    spec = target.spec
+    b, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    dtype = target.embed_tokens.weight.dtype
+    past = [torch.zeros(b, spec.num_kv_heads, 0, spec.head_dim, device=device, dtype=dtype)] * (2 * spec.num_layers)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    replies = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    last = torch.tensor([width - 1], device=device)
+    for _ in range(max_new_tokens):
+        logits, _, *past = target(ids, positions, mask, last, *past)
+        logits = logits[:, -1]
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        for r in range(b):
+            if not done[r]:
+                replies[r].append(int(nxt[r]))
+                if int(nxt[r]) in stops:
+                    done[r] = True
+        if bool(done.all()):
+            break
+        ids = nxt[:, None]
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
+        last = torch.tensor([0], device=device)
+    return replies
+
+
+def regenerate(target, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device: str,
+               stops: set[int], temperature: float = 0.0, log=print) -> list[Sequence]:
+    """Answer every prompt (token ids, chat template applied) with the target; returns prompt + reply."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    stop = model.generation_config.eos_token_id
-    pad = 0
     out: list[Sequence | None] = [None] * len(prompts)
+    generator = torch.Generator(device=device).manual_seed(0)
     t0, made = time.perf_counter(), 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        gen = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=temperature > 0, temperature=temperature or None, top_p=None, top_k=None,
-                             pad_token_id=pad, eos_token_id=stop)
-        for row, i in enumerate(idx):
-            reply = gen[row, width:].tolist()
-            stops = stop if isinstance(stop, list) else [stop]
-            for j, t in enumerate(reply):
-                if t in stops:
-                    reply = reply[:j + 1]
-                    break
+        replies = greedy_batch(target, [prompts[i] for i in idx], max_new_tokens, stops, device, temperature,
+                               generator)
+        for i, reply in zip(idx, replies):
             made += len(reply)
             out[i] = Sequence(prompts[i] + reply, [0] * len(prompts[i]) + [1] * len(reply))
-        rate = made / (time.perf_counter() - t0)
         log(f"  regenerated {min(start + batch_size, len(order))}/{len(order)} replies, {made} tokens, "
-            f"{rate:.0f} tok/s")
+            f"{made / (time.perf_counter() - t0):.0f} tok/s")
     return [s for s in out if s is not None]
+
+
+def chat_prompts(tokenizer, conversations: list[list[dict]], template_kwargs: dict) -> list[list[int]]:
+    out = []
+    for c in conversations:
+        ids = tokenizer.apply_chat_template(c, tokenize=True, add_generation_prompt=True, **template_kwargs)
+        out.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
+    return out
 
 
 def text_sequences(tokenizer, files: list[Path], seq_len: int, max_tokens: int) -> list[Sequence]:

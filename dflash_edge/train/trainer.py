@@ -72,7 +72,7 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
     eval_ids, train_ids = order[:n_eval], order[n_eval:] or order
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, history = 0, []
+    step, history, metrics = 0, [], {}
     state_path = work / "state.pt"
     if state_path.is_file():
         state = torch.load(state_path, map_location=cfg.device, weights_only=False)
@@ -81,10 +81,13 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
         step, history = state["step"], state["history"]
         rng.setstate(state["rng"])
         log(f"  resumed at step {step}")
+    if step == 0:
+        metrics = evaluate(drafter, store, seqs, eval_ids, cfg, vocab_subset)
+        history.append({"step": 0, **metrics})
+        log(f"  eval before training: loss {metrics['loss']:.3f}, tau estimate {metrics['tau_estimate']:.2f}")
     g = torch.Generator().manual_seed(cfg.seed + step)
     drafter.train()
     t0, tokens, started = time.perf_counter(), 0, step
-    metrics = {}
     while step < cfg.steps:
         if cfg.minutes is not None and time.perf_counter() - t0 > cfg.minutes * 60:
             log(f"  time budget of {cfg.minutes} min reached at step {step}")

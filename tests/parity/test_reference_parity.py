@@ -9,15 +9,21 @@ saved by `save_drafter` in z-lab's checkpoint format.
 - Drafter logits: our `DFlashDrafter` (PyTorch) vs `DFlashDraftModel` + `compute_logits`, with fresh context
   and with context projected in two steps (our runtime projects context incrementally; the reference keeps it
   in a DynamicCache cropped back after every block).
+- The exported ONNX graphs: target logits and taps vs Hugging Face; drafter context K/V vs the reference's
+  draft cache, and in-graph draft ids vs the argmax of the reference's logits.
 - Greedy generation: our exported ONNX folder run by `dflash_edge.runtime.generate` vs `dflash_generate`:
-  identical new tokens and identical tokens-per-round sequences, over several prompts, block sizes, lengths
-  that end inside a block, and stop tokens.
+  identical new tokens and identical tokens-per-round sequences, over several prompts, block sizes 2/4/8,
+  max_new_tokens values whose last round verifies a shortened block, and stop tokens.
+Everything runs for a target with its own LM head and for one tied to the embedding.
 
-Random weights and a 16-token vocabulary make random drafts agree with the target often enough that rounds
+Random weights and an 8-token vocabulary make random drafts agree with the target often enough that rounds
 accepting several drafts occur (asserted), so the acceptance bookkeeping is exercised, not only the bonus token.
+
+Discrepancies found here are kept at the end of the file as strict xfails, each naming its cause.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -45,9 +51,10 @@ SPECIALS = ["<unk>", "<eos>"]
 VOCAB = len(SPECIALS) + len(WORDS)
 EOS = 1
 MASK = VOCAB - 1
-TAPS = [0, 1, 2]          # of 4 target layers; the last layer is not tapped (see test_last_layer_tap_note)
+TAPS = [0, 1, 2]          # of 4 target layers; the last layer is not tapped (see test_last_layer_tap_matches_reference)
 BLOCK = 8                 # the drafter's trained block size
 RTOL = 1e-4               # max |ours - ref| / max |ref|, fp32
+ROPE_THETA = 1e6          # Qwen3's; not transformers' default (10000), so a config key read by neither side shows
 
 PROMPTS = [
     [2],
@@ -57,7 +64,7 @@ PROMPTS = [
     [4, 5, 6, 7, 2, 4, 6, 1, 0, 3, 2],
     [7, 0, 7, 7, 2],
 ]
-MAX_NEW = [1, 2, 7, 19, 40]   # 19 and 7 end inside a block for every block size tried
+MAX_NEW = [1, 2, 7, 19, 40]   # 1: prefill only; the others mostly end on a shortened last block
 
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -82,7 +89,7 @@ def _target_config(tied: bool):
     return Qwen3Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tied, initializer_range=0.5,
+        rms_norm_eps=1e-6, rope_theta=ROPE_THETA, tie_word_embeddings=tied, initializer_range=0.5,
         eos_token_id=EOS, bos_token_id=None, pad_token_id=None,
     )
 
@@ -115,6 +122,8 @@ def folders(request, tmp_path_factory):
     _save_tokenizer(root / "target")
     cfg = config_for_target(target.config, num_layers=2, block_size=BLOCK, mask_token_id=MASK,
                             tap_layer_ids=TAPS)
+    # config_for_target misses the target's rope theta under transformers 5 (see the strict xfail below).
+    cfg = dataclasses.replace(cfg, rope_theta=ROPE_THETA)
     save_drafter(random_drafter(cfg, seed=2, std=0.3), root / "drafter", dtype=torch.float32)
     return root
 
@@ -131,6 +140,7 @@ def ref_drafter(folders):
     model = ref.DFlashDraftModel.from_pretrained(folders / "drafter", dtype=torch.float32).eval()
     assert model.mask_token_id == MASK and list(model.target_layer_ids) == TAPS
     assert model.block_size == BLOCK
+    assert model.config.rope_parameters["rope_theta"] == ROPE_THETA
     return model
 
 
@@ -370,11 +380,10 @@ def test_drafter_saved_by_reference_under_transformers5(tmp_path, folders):
 @pytest.mark.xfail(strict=True, reason="config_for_target reads target_config.rope_theta, absent under "
                                        "transformers 5 (rope_parameters), and falls back to 10000")
 def test_config_for_target_copies_rope_theta_under_transformers5():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = _target_config(tied=False)
-    config = Qwen3Config(**{**config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
-    target = Qwen3ForCausalLM(config)
+    target = Qwen3ForCausalLM(_target_config(tied=False))
+    assert target.config.rope_parameters["rope_theta"] == ROPE_THETA
     drafter = DFlashDrafter(config_for_target(target.config, mask_token_id=MASK, tap_layer_ids=TAPS))
     assert rel_err(drafter.rotary.inv_freq, target.model.rotary_emb.inv_freq) < 1e-6
 

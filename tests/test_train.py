@@ -1,0 +1,122 @@
+"""dflash-train: the objective's three classic bugs pinned, clean data, and a tiny end-to-end run."""
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dflash_edge.export.drafter import DrafterConfig, random_drafter
+from dflash_edge.train.objective import block_mask_bias, dflash_loss, loss_weights, sample_anchors
+
+
+def test_block_sees_context_strictly_before_its_anchor_and_its_own_block_only():
+    anchors = torch.tensor([2, 5])
+    bias = block_mask_bias(anchors, seq_len=8, block=3)[0, 0] == 0  # True = visible
+    ctx, blk = bias[:, :8], bias[:, 8:]
+    assert ctx[0].tolist() == [True, True, False, False, False, False, False, False]  # < 2, not <= 2
+    assert ctx[3].tolist() == [True] * 5 + [False] * 3
+    assert blk[1].tolist() == [True, True, True, False, False, False]   # its block, both directions
+    assert blk[4].tolist() == [False, False, False, True, True, True]
+
+
+def test_anchor_row_has_no_weight_and_decay_starts_at_row_one():
+    w = loss_weights(4, gamma=7.0)
+    assert w[0] == 0 and w[1] == 1.0
+    assert torch.allclose(w[2:], torch.exp(-torch.tensor([1.0, 2.0]) / 7.0))
+
+
+def test_labels_are_not_shifted():
+    """A drafter whose head always answers the token at the row's own position scores zero loss."""
+    cfg = DrafterConfig.from_dict({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                                   "vocab_size": 12, "mask_token_id": 11, "target_layer_ids": [0],
+                                   "block_size": 4})
+    drafter = random_drafter(cfg)
+    tokens = torch.arange(10)  # token at position p is p
+    # Row k of a block sits at position p + k; this stand-in predicts exactly the token at its position.
+    drafter.block_hidden = lambda embeds, positions, context, bias=None: torch.nn.functional.one_hot(
+        positions, 16).float()
+    drafter.attach_target(torch.randn(12, 16), torch.eye(16)[:12] * 50)
+    loss, info = dflash_loss(drafter, torch.randn(10, 16), tokens, torch.ones(10), torch.tensor([1, 4]), 7.0)
+    assert loss.item() < 1e-3  # so the labels sit at p + k: no shift
+    assert info["accept"] == cfg.block_size
+
+
+def test_anchors_stay_inside_supervised_positions():
+    mask = torch.tensor([0] * 5 + [1] * 20)
+    a = sample_anchors(mask, block=4, count=100, generator=torch.Generator().manual_seed(0))
+    assert a.min() >= 5 and a.max() <= 25 - 4 and torch.equal(a, a.sort().values) and len(set(a.tolist())) == len(a)
+
+
+def test_training_prompts_never_contain_evaluation_prompts():
+    from dflash_edge.evalsets import load_prompts
+    from dflash_edge.train.prompts import build
+
+    prompts = build(code=3000, chat=1000)
+    normalized = {" ".join(p.lower().split()) for p in prompts}
+    for question in load_prompts("mtbench"):
+        assert " ".join(question.lower().split()) not in normalized
+    humaneval = load_prompts("humaneval")
+    text = "\n".join(" ".join(p.lower().split()) for p in prompts)
+    for prompt in humaneval:
+        doc = prompt.split('"""')[1] if '"""' in prompt else prompt.split("\'\'\'")[1]
+        first_line = " ".join(doc.strip().splitlines()[0].lower().split())
+        assert len(first_line) < 20 or first_line not in text, first_line
+    # Distinctive HumanEval function names never name a training task.
+    names = {p.split("def ")[-1].split("(")[0] for p in humaneval}
+    distinctive = {n for n in names if "_" in n or len(n) >= 8}
+    for p in prompts:
+        if "`" in p:
+            assert p.split("`")[1].split("(")[0] not in distinctive, p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama):
+    from tiny import WORDS
+
+    root = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))}) + "\n")
+    cmd = [sys.executable, "-m", "dflash_edge.train.cli", "--target", str(tiny_llama[0]), "--data",
+           str(root / "prompts.jsonl"), "--output", str(root / "drafter"), "--max-new-tokens", "40",
+           "--steps", "60", "--anchors", "16", "--batch", "1", "--block-size", "8", "--mask-token-id", "3",
+           "--lr", "3e-3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return root, out.stdout
+
+
+def test_tiny_training_lowers_the_loss_and_beats_an_untrained_drafter(trained, tiny_llama):
+    from dflash_edge.export.pipeline import export
+    from dflash_edge.runtime.api import DFlashModel
+    from tiny import save_random_drafter
+
+    root, log = trained
+    report = json.loads((root / "drafter" / "training_report.json").read_text())
+    assert report["sequences"] == 40 and report["steps"] == 60
+    history = report["history"]
+    assert history[0]["step"] == 0 and history[-1]["step"] == 60
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"], history
+    untrained = save_random_drafter(root / "untrained", tiny_llama[0], block_size=8)
+    taus = {}
+    for name, drafter in (("trained", root / "drafter"), ("untrained", untrained)):
+        out = export(str(tiny_llama[0]), str(root / f"onnx-{name}"), drafter=str(drafter), log=lambda *a: None)
+        model = DFlashModel(out)
+        runs = [model.generate(p, 40, raw=False) for p in ("hello world", "the cat sat", "def sort list")]
+        taus[name] = sum(r.stats.tau for r in runs) / len(runs)
+    assert taus["trained"] > taus["untrained"] + 0.3, taus
+
+
+def test_training_resumes_from_its_state(trained, tiny_llama):
+    root, _ = trained
+    cmd = [sys.executable, "-m", "dflash_edge.train.cli", "--target", str(tiny_llama[0]), "--data",
+           str(root / "prompts.jsonl"), "--output", str(root / "drafter2"), "--work", str(root / "drafter.work"),
+           "--steps", "70", "--anchors", "16", "--batch", "1", "--block-size", "8", "--mask-token-id", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cached sequences" in out.stdout and "cached features" in out.stdout
+    assert "resumed at step 60" in out.stdout
