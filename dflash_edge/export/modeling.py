@@ -214,11 +214,13 @@ class TargetModel(nn.Module):
         bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)
 
         taps, present = [], []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1], bias)
             present += [k, v]
             if i in self.tap_layer_ids:
-                taps.append(x)
+                # HF's hidden_states[L] (tap id L-1) is taken after the final norm; match it exactly.
+                taps.append(self.norm(x) if i == last else x)
         # Taps in list order, each the output of decoder block l (HF hidden_states[l + 1]).
         by_id = dict(zip(sorted(set(self.tap_layer_ids)), taps))
         aux = torch.cat([by_id[i] for i in self.tap_layer_ids], dim=-1).float()

@@ -114,6 +114,9 @@ def export(model: str, output: str | None, dtype: str = "fp32", layers: str | No
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {dtype!r}")
     source = resolve_model(model)
+    if drafter is None and source.shipped_drafter is not None:
+        drafter = str(source.shipped_drafter)
+        log(f"using the drafter shipped for {model} ({drafter}); --no-drafter exports the target alone")
     drafter_model = load_drafter(resolve_drafter(drafter, source)) if drafter else None
     tap_ids = parse_layers(layers)
     out = Path(output or Path("exports") / Path(model).stem).expanduser().resolve()

@@ -14,6 +14,8 @@ from pathlib import Path
 from ..errors import UserError
 
 SMOLLM2_ALIAS = "smollm2-135m"
+# The drafter this project trained for the embedded default (dflash-train; see TRAINING.md).
+SHIPPED_DRAFTERS = {SMOLLM2_ALIAS: Path(__file__).resolve().parent.parent / "drafters" / SMOLLM2_ALIAS}
 
 # alias -> (target repo, z-lab drafter repo)
 HUB_ALIASES = {
@@ -35,6 +37,7 @@ class ModelSource:
     gguf_file: str | None = None
     hub_repo: str | None = None
     drafter_repo: str | None = None
+    shipped_drafter: Path | None = None  # a drafter inside this package, used when none is given
 
     def describe(self) -> str:
         return f"{self.path / self.gguf_file}" if self.gguf_file else str(self.path)
@@ -84,7 +87,9 @@ def smollm2_gguf() -> Path:
 def resolve_model(name: str) -> ModelSource:
     if name == SMOLLM2_ALIAS:
         gguf = smollm2_gguf()
-        return ModelSource(name, gguf.parent, gguf_file=gguf.name)
+        shipped = SHIPPED_DRAFTERS[name]
+        return ModelSource(name, gguf.parent, gguf_file=gguf.name,
+                           shipped_drafter=shipped if (shipped / "config.json").is_file() else None)
     if name in HUB_ALIASES:
         repo, drafter = HUB_ALIASES[name]
         snap = find_in_hf_cache(repo, ("config.json", "tokenizer.json"))
@@ -116,6 +121,8 @@ def resolve_model(name: str) -> ModelSource:
 def resolve_drafter(arg: str, source: ModelSource) -> Path:
     """--drafter auto|PATH|REPO -> a local folder with config.json and safetensors."""
     if arg == "auto":
+        if source.shipped_drafter is not None:
+            return source.shipped_drafter
         if source.drafter_repo is None:
             raise UserError(f"no known z-lab drafter for {source.name}; pass --drafter PATH "
                             "(a folder with config.json and *.safetensors, e.g. from dflash-train)")
@@ -152,7 +159,7 @@ def load_hf(source: ModelSource, log=print):
     log(f"loading {source.describe()} ({config.model_type}, {config.num_hidden_layers} layers)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.path, torch_dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load {source.describe()}: {e}") from None
     return model.eval(), tokenizer, family

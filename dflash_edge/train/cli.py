@@ -40,7 +40,12 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--anchors", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=100, help="held-out evaluation and checkpoint interval")
     p.add_argument("--gamma", type=float, default=None, help="loss decay (default: 7 for block 16)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="train the softmax over only the K most frequent response tokens (faster on CPU; the "
+                        "checkpoint still uses the target's full LM head)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true")
@@ -66,8 +71,10 @@ def main(argv=None) -> int:
     output = Path(args.output)
     work = Path(args.work or f"{output}.work")
     work.mkdir(parents=True, exist_ok=True)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        import torch
         if not torch.cuda.is_available():
             raise UserError("--device cuda: this torch sees no CUDA device")
     from ..export.sources import load_hf, resolve_model
@@ -122,11 +129,21 @@ def main(argv=None) -> int:
     embed = hf.get_input_embeddings().weight.to(args.device)
     head = hf.get_output_embeddings().weight.to(args.device)
     drafter.attach_target(embed, head)
+    vocab_subset = None
+    if args.draft_vocab:
+        counts = torch.zeros(hf.config.vocab_size, dtype=torch.long)
+        for s in seqs:
+            counts += torch.bincount(torch.tensor([t for t, m in zip(s.tokens, s.loss_mask) if m], dtype=torch.long),
+                                     minlength=hf.config.vocab_size)
+        vocab_subset = counts.topk(min(args.draft_vocab, hf.config.vocab_size)).indices.sort().values.to(args.device)
+        covered = counts[vocab_subset.cpu()].sum().item() / max(1, counts.sum().item())
+        print(f"      draft vocabulary: {vocab_subset.numel()} tokens cover {covered:.1%} of the labels")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, batch=args.batch, anchors=args.anchors,
-                      gamma=args.gamma or default_gamma(args.block_size), seed=args.seed, device=args.device)
+                      gamma=args.gamma or default_gamma(args.block_size), seed=args.seed, device=args.device,
+                      eval_every=args.eval_every, save_every=args.eval_every)
     print(f"[3/4] training a {args.draft_layers}-layer drafter, block {args.block_size}, {cfg.anchors} anchors "
           f"per sequence, {cfg.steps} steps on {args.device}")
-    result = train(drafter, store, seqs, work, cfg)
+    result = train(drafter, store, seqs, work, cfg, vocab_subset)
     print(f"[4/4] writing {output}")
     write_checkpoint(drafter.cpu().float(), output)
     report = {

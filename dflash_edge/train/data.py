@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def chat_prompts(tokenizer, conversations: list[list[dict]], template_kwargs: di
     out = []
     for c in conversations:
         ids = tokenizer.apply_chat_template(c, tokenize=True, add_generation_prompt=True, **template_kwargs)
-        out.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
+        # transformers 5 returns a BatchEncoding (a Mapping, not a dict) where 4.x returned a list.
+        out.append(list(ids["input_ids"] if isinstance(ids, Mapping) else ids))
     return out
 
 

@@ -19,11 +19,10 @@ Everything runs for a target with its own LM head and for one tied to the embedd
 Random weights and an 8-token vocabulary make random drafts agree with the target often enough that rounds
 accepting several drafts occur (asserted), so the acceptance bookkeeping is exercised, not only the bonus token.
 
-Discrepancies found here are kept at the end of the file as strict xfails, each naming its cause.
+Discrepancies found here were fixed; their tests stay at the end of the file as regressions.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest
@@ -122,8 +121,7 @@ def folders(request, tmp_path_factory):
     _save_tokenizer(root / "target")
     cfg = config_for_target(target.config, num_layers=2, block_size=BLOCK, mask_token_id=MASK,
                             tap_layer_ids=TAPS)
-    # config_for_target misses the target's rope theta under transformers 5 (see the strict xfail below).
-    cfg = dataclasses.replace(cfg, rope_theta=ROPE_THETA)
+    assert cfg.rope_theta == ROPE_THETA
     save_drafter(random_drafter(cfg, seed=2, std=0.3), root / "drafter", dtype=torch.float32)
     return root
 
@@ -319,7 +317,6 @@ def test_exported_stop_ids_are_the_eos(exported):
     assert exported.manifest["stop_token_ids"] == [EOS]
 
 
-
 def test_exported_drafter_matches_reference(exported, ref_drafter, ref_target, features):
     """The ONNX drafter graphs directly: context K/V projected in two chunks vs the reference's draft cache,
     and the in-graph argmax drafts vs the argmax of the reference's logits."""
@@ -355,15 +352,12 @@ def test_exported_drafter_matches_reference(exported, ref_drafter, ref_target, f
     assert compared >= 10
 
 
-# ------------------------------------------------------------------------------------ known differences
-# Each is a discrepancy found by this suite, kept as a strict xfail so it is visible in every run and so the
-# test turns red (XPASS) once fixed, as a reminder to drop the marker.
+# ------------------------------------------------------------------------------------ found and fixed
+# Each of these was a discrepancy this suite found; they stay as regression tests.
 
-@pytest.mark.xfail(strict=True, reason="DrafterConfig.from_dict reads only a top-level rope_theta/rope_scaling; "
-                                       "transformers 5 writes rope_parameters instead")
 def test_drafter_saved_by_reference_under_transformers5(tmp_path, folders):
     """A drafter checkpoint written by the reference (DFlashDraftModel.save_pretrained, transformers 5) with a
-    non-default rope theta loads in dflash-edge and gives the reference's logits."""
+    non-default rope theta loads in dflash-edge with the reference's rotary frequencies."""
     from transformers import Qwen3Config
 
     config = Qwen3Config.from_pretrained(folders / "drafter")
@@ -377,8 +371,6 @@ def test_drafter_saved_by_reference_under_transformers5(tmp_path, folders):
     assert rel_err(ours.rotary.inv_freq, reloaded.rotary_emb.inv_freq) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="config_for_target reads target_config.rope_theta, absent under "
-                                       "transformers 5 (rope_parameters), and falls back to 10000")
 def test_config_for_target_copies_rope_theta_under_transformers5():
     from transformers import Qwen3ForCausalLM
 
@@ -388,8 +380,6 @@ def test_config_for_target_copies_rope_theta_under_transformers5():
     assert rel_err(drafter.rotary.inv_freq, target.model.rotary_emb.inv_freq) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="for tap id L-1 the reference reads HF hidden_states[L], which is after "
-                                       "the final norm; TargetModel taps the block output before it")
 def test_last_layer_tap_matches_reference(ref_target):
     from dflash_edge.export.modeling import load_target_from_hf
 
