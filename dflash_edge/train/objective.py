@@ -75,7 +75,7 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
     head = drafter.head_weight
     if vocab_subset is not None:
         head = head[vocab_subset]
-        remapped = torch.searchsorted(vocab_subset, labels)
+        remapped = torch.searchsorted(vocab_subset, labels.contiguous())
         inside = remapped < vocab_subset.numel()
         inside &= vocab_subset[remapped.clamp(max=vocab_subset.numel() - 1)] == labels
         valid = valid & inside
