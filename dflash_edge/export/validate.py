@@ -22,27 +22,25 @@ def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
 class Report:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
-        self.rows: list[tuple[str, str, float | None, bool]] = []
+        self.rows: list[tuple[str, str, float, bool, str]] = []
 
     def error(self, graph: str, name: str, err: float) -> None:
-        self.rows.append((graph, name, err, err <= self.tolerance))
+        line = f"worst relative error {err:.2e} (tolerance {self.tolerance:.0e})"
+        self.rows.append((graph, name, err, err <= self.tolerance, line))
 
     def exact(self, graph: str, name: str, equal_fraction: float, needed: float = 1.0) -> None:
-        self.rows.append((graph, name, 1.0 - equal_fraction, equal_fraction >= needed))
+        line = f"{equal_fraction:.0%} identical (needs {needed:.0%})"
+        self.rows.append((graph, name, 1.0 - equal_fraction, equal_fraction >= needed, line))
 
     @property
     def ok(self) -> bool:
         return all(r[3] for r in self.rows)
 
     def lines(self) -> list[str]:
-        out = []
-        for graph, name, err, ok in self.rows:
-            mark = "✓" if ok else "✗"
-            out.append(f"  {mark} {graph}: {name:<22} worst relative error {err:.2e} (tolerance {self.tolerance:.0e})")
-        return out
+        return [f"  {'✓' if ok else '✗'} {graph}: {name:<22} {line}" for graph, name, _, ok, line in self.rows]
 
     def as_dict(self) -> dict:
-        return {f"{g}:{n}": {"error": e, "ok": ok} for g, n, e, ok in self.rows}
+        return {f"{g}:{n}": {"error": e, "ok": ok} for g, n, e, ok, _ in self.rows}
 
 
 def _summarise(report: Report, graph: str, names: list[str], got: list, ref: list) -> None:
@@ -53,7 +51,7 @@ def _summarise(report: Report, graph: str, names: list[str], got: list, ref: lis
             present_worst = max(present_worst, err)
         else:
             report.error(graph, name, err)
-    if present_worst or any(n.startswith(("present.", "context.")) for n in names):
+    if any(n.startswith(("present.", "context.")) for n in names):
         kind = "present.*" if graph == "target" else "context.*"
         report.error(graph, kind, present_worst)
 
@@ -121,4 +119,4 @@ def validate_drafter(folder: Path, manifest: dict, drafter, embed, head, report:
     feeds.update(zip(d["io"]["block"]["inputs"][2:], [c.numpy() for c in ref_ctx]))
     got_ids = blk_sess.run(None, feeds)[0]
     # Random weights make near-ties likely; demand most ids agree rather than all.
-    report.exact("drafter_block", "draft_ids (mismatch)", float((got_ids == ref_ids).mean()), needed=0.8)
+    report.exact("drafter_block", "draft_ids", float((got_ids == ref_ids).mean()), needed=0.8)
