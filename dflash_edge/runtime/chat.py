@@ -3,9 +3,6 @@ from __future__ import annotations
 
 from ..errors import UserError
 
-ROLES = ("system", "user", "assistant")
-
-
 def render_chat(pieces: dict, messages: list[tuple[str, str]], generation_prompt: bool = True) -> str:
     """Render [(role, content), ...] exactly as the model's chat template would."""
     out = []

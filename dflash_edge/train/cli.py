@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from ..export.sources import load_hf, resolve_model
     from ..export.drafter import config_for_target, default_tap_layer_ids, random_drafter
     from ..export.modeling import load_target_from_hf
-    from ..export.pipeline import stop_ids
+    from ..export.pipeline import derive_chat, stop_ids
     from .data import chat_prompts, load_sequences, read_prompts, regenerate, save_sequences, text_sequences
     from .features import FeatureStore, compute_features
     from .objective import default_gamma
@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     source = resolve_model(args.target)
     hf, tokenizer, family = load_hf(source)
+    if not 0 <= args.mask_token_id < hf.config.vocab_size:
+        raise UserError(f"--mask-token-id {args.mask_token_id} is outside the vocab ({hf.config.vocab_size})")
     template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
     taps = default_tap_layer_ids(hf.config.num_hidden_layers)
     target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").to(args.device)
@@ -100,8 +102,7 @@ def main(argv=None) -> int:
         print(f"[1/4] {len(seqs)} cached sequences in {seq_file}")
     else:
         print(f"[1/4] regenerating {len(conversations)} replies with the target (batch {args.regen_batch})")
-        from ..export.chat_format import derive
-        chat = derive(tokenizer, template_kwargs) if tokenizer.chat_template else None
+        chat = derive_chat(tokenizer, family, print)
         stops = set(stop_ids(hf, tokenizer, chat))
         prompts = chat_prompts(tokenizer, conversations, template_kwargs)
         seqs = regenerate(target, prompts, args.max_new_tokens, args.regen_batch, args.device, stops,
@@ -120,8 +121,6 @@ def main(argv=None) -> int:
         print(f"[2/4] computing tap features {taps} with the frozen target")
         store = compute_features(target, seqs, work, args.device)
     del target
-    if not 0 <= args.mask_token_id < hf.config.vocab_size:
-        raise UserError(f"--mask-token-id {args.mask_token_id} is outside the vocab ({hf.config.vocab_size})")
 
     config = config_for_target(hf.config, num_layers=args.draft_layers, block_size=args.block_size,
                                mask_token_id=args.mask_token_id, tap_layer_ids=taps)
