@@ -120,3 +120,53 @@ def test_training_resumes_from_its_state(trained, tiny_llama):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cached sequences" in out.stdout and "cached features" in out.stdout
     assert "resumed at step 60" in out.stdout
+
+
+def _tiny_target(tiny_llama):
+    from dflash_edge.export.drafter import default_tap_layer_ids
+    from dflash_edge.export.modeling import load_target_from_hf
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama[0], torch_dtype=torch.float32)
+    return load_target_from_hf(hf, default_tap_layer_ids(hf.config.num_hidden_layers), qk_norm=False)
+
+
+def test_interrupted_regeneration_resumes_without_redoing_finished_batches(tmp_path, tiny_llama):
+    from dflash_edge.train.data import regenerate
+
+    target = _tiny_target(tiny_llama)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(4, 60) for _ in range(rng.randint(2, 9))] for _ in range(10)]
+    fresh = regenerate(target, prompts, 12, 4, "cpu", set(), log=lambda *a: None)
+    partial = tmp_path / "partial.jsonl"
+    regenerate(target, prompts[:6], 12, 4, "cpu", set(), log=lambda *a: None, partial=partial)
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 6
+    partial.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # killed while writing the sixth
+    logs = []
+    resumed = regenerate(target, prompts, 12, 4, "cpu", set(), log=logs.append, partial=partial)
+    assert "5 replies already" in logs[0]
+    assert [s.tokens for s in resumed] == [s.tokens for s in fresh]
+    assert all(s.loss_mask == [0] * len(p) + [1] * 12 for s, p in zip(resumed, prompts))
+
+
+def test_bf16_target_keeps_fp32_rotary_frequencies(tiny_llama):
+    from dflash_edge.train.cli import to_bf16
+
+    target = _tiny_target(tiny_llama)
+    spec = target.spec
+    ids = torch.tensor([[5, 9, 13, 22, 7, 8, 30, 31]])
+    pos = torch.arange(900, 908)[None]  # far positions, where bf16 rotary angles would be off by radians
+
+    def taps():
+        dtype = target.embed_tokens.weight.dtype
+        past = [torch.zeros(1, spec.num_kv_heads, 0, spec.head_dim, dtype=dtype)] * (2 * spec.num_layers)
+        with torch.no_grad():
+            return target(ids, pos, torch.ones_like(ids), torch.tensor([7]), *past)[1].float()
+
+    reference = taps()
+    to_bf16(target)
+    assert target.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for name, b in target.named_buffers() if "inv_freq" in name)
+    error = (taps() - reference).norm() / reference.norm()
+    assert error < 0.03, error

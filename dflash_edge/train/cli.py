@@ -47,6 +47,10 @@ def parse_args(argv):
                         "checkpoint still uses the target's full LM head)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16: the frozen target runs in bf16 and the drafter trains under bf16 autocast (fp32 "
+                        "master weights); 2-3x faster on CPUs with AVX512-BF16 or AMX. Default: bf16 on CUDA, "
+                        "fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -62,6 +66,14 @@ def text_files(paths: list[str]) -> list[Path]:
         else:
             raise UserError(f"--text {p} does not exist")
     return files
+
+
+def to_bf16(module) -> None:
+    """Parameters only: rotary inverse frequencies stay fp32 (bf16 angles drift by radians at positions in
+    the hundreds)."""
+    import torch
+    for param in module.parameters():
+        param.data = param.data.to(torch.bfloat16)
 
 
 def main(argv=None) -> int:
@@ -95,6 +107,9 @@ def main(argv=None) -> int:
     template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
     taps = default_tap_layer_ids(hf.config.num_hidden_layers)
     target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").to(args.device)
+    precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    if precision == "bf16":
+        to_bf16(target)
 
     seq_file = work / "sequences.jsonl"
     if seq_file.is_file():
@@ -106,7 +121,7 @@ def main(argv=None) -> int:
         stops = set(stop_ids(hf, tokenizer, chat))
         prompts = chat_prompts(tokenizer, conversations, template_kwargs)
         seqs = regenerate(target, prompts, args.max_new_tokens, args.regen_batch, args.device, stops,
-                          args.temperature)
+                          args.temperature, partial=work / "sequences.partial.jsonl")
         if args.text:
             seqs += text_sequences(tokenizer, text_files(args.text), args.seq_len, args.text_tokens)
         save_sequences(seq_file, seqs)
@@ -139,9 +154,10 @@ def main(argv=None) -> int:
         print(f"      draft vocabulary: {vocab_subset.numel()} tokens cover {covered:.1%} of the labels")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, batch=args.batch, anchors=args.anchors,
                       gamma=args.gamma or default_gamma(args.block_size), seed=args.seed, device=args.device,
-                      eval_every=args.eval_every, save_every=args.eval_every)
+                      eval_every=args.eval_every, save_every=args.eval_every,
+                      bf16=precision == "bf16")
     print(f"[3/4] training a {args.draft_layers}-layer drafter, block {args.block_size}, {cfg.anchors} anchors "
-          f"per sequence, {cfg.steps} steps on {args.device}")
+          f"per sequence, {cfg.steps} steps on {args.device} ({precision})")
     result = train(drafter, store, seqs, work, cfg, vocab_subset)
     print(f"[4/4] writing {output}")
     write_checkpoint(drafter.cpu().float(), output)

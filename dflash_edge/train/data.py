@@ -97,21 +97,48 @@ def greedy_batch(target, prompts: list[list[int]], max_new_tokens: int, stops: s
 
 
 def regenerate(target, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device: str,
-               stops: set[int], temperature: float = 0.0, log=print) -> list[Sequence]:
-    """Answer every prompt (token ids, chat template applied) with the target; returns prompt + reply."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+               stops: set[int], temperature: float = 0.0, log=print, partial: Path | None = None) -> list[Sequence]:
+    """Answer every prompt (token ids, chat template applied) with the target; returns prompt + reply.
+
+    With `partial`, each finished batch is appended there and a rerun skips the prompts already answered,
+    so an interrupted regeneration loses at most one batch.
+    """
     out: list[Sequence | None] = [None] * len(prompts)
+    if partial is not None and partial.is_file():
+        with open(partial) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the batch being written when the run stopped
+                if 0 <= row["index"] < len(prompts) and row["tokens"][:len(prompts[row["index"]])] == prompts[row["index"]]:
+                    out[row["index"]] = Sequence(row["tokens"], row["loss_mask"])
+        done = sum(s is not None for s in out)
+        if done:
+            log(f"  resuming: {done} replies already in {partial}")
+    todo = sorted((i for i in range(len(prompts)) if out[i] is None), key=lambda i: len(prompts[i]))  # less padding
     generator = torch.Generator(device=device).manual_seed(0)
     t0, made = time.perf_counter(), 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        replies = greedy_batch(target, [prompts[i] for i in idx], max_new_tokens, stops, device, temperature,
-                               generator)
-        for i, reply in zip(idx, replies):
-            made += len(reply)
-            out[i] = Sequence(prompts[i] + reply, [0] * len(prompts[i]) + [1] * len(reply))
-        log(f"  regenerated {min(start + batch_size, len(order))}/{len(order)} replies, {made} tokens, "
-            f"{made / (time.perf_counter() - t0):.0f} tok/s")
+    sink = open(partial, "a") if partial is not None else None
+    try:
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            replies = greedy_batch(target, [prompts[i] for i in idx], max_new_tokens, stops, device, temperature,
+                                   generator)
+            for i, reply in zip(idx, replies):
+                made += len(reply)
+                out[i] = Sequence(prompts[i] + reply, [0] * len(prompts[i]) + [1] * len(reply))
+                if sink is not None:
+                    sink.write(json.dumps({"index": i, "tokens": out[i].tokens, "loss_mask": out[i].loss_mask}) + "\n")
+            if sink is not None:
+                sink.flush()
+            rate = made / (time.perf_counter() - t0)
+            left = (len(todo) - start - len(idx)) * made / max(1, start + len(idx)) / max(rate, 1e-9)
+            log(f"  regenerated {start + len(idx)}/{len(todo)} replies, {made} tokens, {rate:.0f} tok/s, "
+                f"ETA {left / 60:.1f} min")
+    finally:
+        if sink is not None:
+            sink.close()
     return [s for s in out if s is not None]
 
 

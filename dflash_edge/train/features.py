@@ -60,7 +60,7 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
         empty = [torch.zeros(len(batch), spec.num_kv_heads, 0, spec.head_dim, device=device,
                              dtype=target.embed_tokens.weight.dtype)] * (2 * spec.num_layers)
         pos = torch.arange(width_now)[None].expand(len(batch), -1)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.no_grad():
             _, taps, *_ = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
                                  torch.tensor([width_now - 1], device=device), *empty)
         taps = taps.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)

@@ -26,9 +26,11 @@ class TrainConfig:
     gamma: float = 7.0
     clip: float = 1.0
     eval_every: int = 100
+    eval_sequences: int = 64
     save_every: int = 100
     seed: int = 0
     device: str = "cpu"
+    bf16: bool = False                 # autocast the forward to bf16 (master weights and optimizer stay fp32)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -52,8 +54,9 @@ def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], 
             anchors = sample_anchors(mask, drafter.config.block_size, cfg.anchors, g)
             if anchors.numel() == 0:
                 continue
-            loss, info = dflash_loss(drafter, store[i].to(cfg.device), torch.tensor(s.tokens, device=cfg.device),
-                                     mask.to(cfg.device), anchors.to(cfg.device), cfg.gamma, vocab_subset)
+            with torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, info = dflash_loss(drafter, store[i].to(cfg.device), torch.tensor(s.tokens, device=cfg.device),
+                                         mask.to(cfg.device), anchors.to(cfg.device), cfg.gamma, vocab_subset)
             losses.append(loss.item())
             accepts.append(info["accept"])
     drafter.train()
@@ -70,6 +73,7 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
     rng.shuffle(order)
     n_eval = max(1, len(order) // 20)
     eval_ids, train_ids = order[:n_eval], order[n_eval:] or order
+    eval_ids = eval_ids[:cfg.eval_sequences]  # the whole split is held out; a fixed sample keeps evals cheap
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, history, metrics = 0, [], {}
@@ -103,7 +107,7 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
             anchors = sample_anchors(mask, drafter.config.block_size, cfg.anchors, g)
             if anchors.numel() == 0:
                 continue
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cfg.device == "cuda"):
+            with torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss, info = dflash_loss(drafter, store[i].to(cfg.device), torch.tensor(s.tokens, device=cfg.device),
                                          mask.to(cfg.device), anchors.to(cfg.device), cfg.gamma, vocab_subset)
             (loss / cfg.batch).backward()
