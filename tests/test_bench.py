@@ -8,25 +8,29 @@ def bench(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_bench_runs_plain_and_dflash_side_by_side_and_checks_exactness(tmp_path, tiny_llama):
+def test_bench_runs_every_method_side_by_side_and_checks_exactness(tmp_path, tiny_llama):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello world", "the cat sat", "sort")))
-    out = bench("--model", tiny_llama[2], "--dataset", prompts, "--limit", 2, "--max-new-tokens", 24,
-                "--block-size", 4, 16, "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md")
+    out = bench("--model", tiny_llama[2], "--dataset", prompts, "--limit", 2, "--max-new-tokens", 40,
+                "--block-size", 16, 4, "--oracle-tau", 6.5, "--json", tmp_path / "r.json",
+                "--markdown", tmp_path / "r.md", "--plot", tmp_path / "r.png")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
-    summary = report["summary"][str(prompts)]
-    assert summary["prompts"] == 2
-    for b in (4, 16):
-        s = summary[f"block_{b}"]
-        assert s["mismatches"] == 0
-        assert 1.0 <= s["tau_mean"] <= b
-        assert sum(s["acceptance_histogram"].values()) == sum(
-            row[f"dflash_{b}"]["rounds"] for row in report["prompts"][str(prompts)])
-    row = report["prompts"][str(prompts)][0]
-    assert row["plain"]["tokens"] == row["dflash_16"]["tokens"] and row["plain"]["block_size"] == 1
+    modes = report["summary"][str(prompts)]["modes"]
+    assert report["summary"][str(prompts)]["prompts"] == 2
+    assert set(modes) == {"plain", "dflash@16", "dflash@4", "oracle6.5@16", "transformers"}
+    rows = report["prompts"][str(prompts)]
+    for mode in ("dflash@16", "dflash@4", "oracle6.5@16"):
+        assert modes[mode]["mismatches"] == 0
+        assert sum(modes[mode]["acceptance_histogram"].values()) == sum(r["runs"][mode]["rounds"] for r in rows)
+    # The oracle hits the asked acceptance (up to the rounds cut short by the end of the reply).
+    assert 5.0 <= modes["oracle6.5@16"]["tau_pooled"] <= 6.6, modes["oracle6.5@16"]
+    assert modes["dflash@16"]["tau_mean"] < 3  # a random drafter
+    assert all(r["runs"]["plain"]["block_size"] == 1 and r["runs"]["plain"]["peak_rss_mb"] > 0 for r in rows)
+    assert "speedup_vs_transformers" in modes["dflash@16"] and report["calibration"]["verify_ratio"] > 0
     table = (tmp_path / "r.md").read_text()
-    assert "| 16 |" in table and "2/2" in table
+    assert "| oracle6.5@16 |" in table and "2/2" in table
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_refuses_bad_input_in_one_line(tmp_path, tiny_llama):

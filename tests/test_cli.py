@@ -34,6 +34,15 @@ def test_generate_streams_text_and_reports_speed(tiny_llama):
     assert b"tok/s" in out.stderr
 
 
+def test_generate_compare_reports_speedup_and_identical_output(tiny_llama):
+    out = run(GENERATE + ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12", "--compare"])
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"x plain, identical output" in out.stderr and b"tau" in out.stderr
+    d = json.loads(run(GENERATE + ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12",
+                                   "--compare", "--json"]).stdout)
+    assert d["plain"]["identical"] and d["plain"]["block_size"] == 1 and d["block_size"] == 16
+
+
 @pytest.fixture(scope="module")
 def broken(tiny_llama, tmp_path_factory):
     """Damaged copies of an export."""
@@ -65,6 +74,7 @@ GENERATE_CASES = {
     "max tokens over context": (["--model", "{export}", "hi", "--max-new-tokens", "100000"], "context"),
     "block over trained size": (["--model", "{export}", "hi", "--block-size", "17"], "trained block size"),
     "prompt over context": (["--model", "{export}", "--raw", "the " * 600], "context"),
+    "compare without drafting": (["--model", "{export}", "hi", "--compare", "--no-draft"], "--compare needs"),
 }
 
 

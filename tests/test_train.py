@@ -170,3 +170,29 @@ def test_bf16_target_keeps_fp32_rotary_frequencies(tiny_llama):
     assert all(b.dtype == torch.float32 for name, b in target.named_buffers() if "inv_freq" in name)
     error = (taps() - reference).norm() / reference.norm()
     assert error < 0.03, error
+
+
+def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tiny_llama, tmp_path):
+    from collections import Counter
+
+    from dflash_edge.export.pipeline import export
+    from dflash_edge.runtime.api import DFlashModel
+
+    root, _ = trained
+    prompts = ["hello world", "the cat sat", "def sort list", "a b c"]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    cmd = [sys.executable, "-m", "dflash_edge.train.acceptance", "--target", str(tiny_llama[0]), "--drafter",
+           str(root / "drafter"), "--dataset", str(data), "--block-size", "8", "4", "--max-new-tokens", "30",
+           "--json", str(tmp_path / "acc.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    replay = json.loads((tmp_path / "acc.json").read_text())["datasets"][str(data)]["blocks"]
+    model = DFlashModel(export(str(tiny_llama[0]), str(tmp_path / "onnx"), drafter=str(root / "drafter"),
+                               log=lambda *a: None))
+    for block in (8, 4):
+        runtime = Counter()
+        for p in prompts:
+            runtime += model.generate(p, 30, block).stats.acceptance
+        assert replay[str(block)]["acceptance_histogram"] == {str(k): runtime[k] for k in sorted(runtime)}
+    assert replay["8"]["tau_pooled"] > 1.2  # a trained drafter, so the rounds are not all trivial

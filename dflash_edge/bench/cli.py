@@ -1,17 +1,16 @@
-"""dflash-bench: DFlash against plain decoding on the same prompts, in one process, side by side.
+"""dflash-bench: DFlash against what users would run instead, on the same prompts, in one process.
 
-For every prompt of every dataset it runs plain greedy decoding with the exported target (ORT, no
-drafter) and then DFlash at each requested block size, checks that DFlash produced exactly the plain
-tokens, and reports tokens/s, time to first token, speed-up and the acceptance length tau with its
-histogram. Results go to a JSON file and a markdown table.
+For every prompt of every dataset, in turn: plain greedy decoding with the exported target (ORT, same
+graph, no drafter), DFlash at each requested block size, DFlash with oracle drafts at each --oracle-tau
+(the real drafter runs; its proposals are replaced so the mean acceptance is tau), and transformers
+`generate` on the same weights when torch is installed. It checks that every DFlash output equals the plain
+output, and reports decode and end-to-end tokens/s, time to first token, speed-ups, tau with its
+histogram and peak memory, as JSON, a markdown table and a plot (speed-up against tau).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,14 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--block-size", type=int, nargs="+", default=None,
                    help="DFlash block sizes to run (default: the drafter's trained size)")
+    p.add_argument("--oracle-tau", type=float, nargs="*", default=[],
+                   help="also run DFlash with oracle drafts at these mean acceptance lengths (1..block size)")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers generate baseline")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--provider", default="cpu")
     p.add_argument("--json", default=None, help="write the full results here")
     p.add_argument("--markdown", default=None, help="write the summary table here")
+    p.add_argument("--plot", default=None, help="write the speed-up against tau plot here (PNG; needs matplotlib)")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
 
@@ -61,61 +64,42 @@ def load_dataset(name: str) -> list[str]:
     return prompts
 
 
-def run_one(model, ids: list[int], max_new_tokens: int, block: int) -> dict:
-    from ..runtime.generate import generate
-    out, stats = generate(model, ids, max_new_tokens, block)
-    return {"tokens": out, **stats.as_dict()}
+def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
+    """Cost of one verify of `block` tokens and of one draft, in single-token decode steps."""
+    import numpy as np
+
+    from ..runtime.model import DraftCache
+
+    filler = 1  # any token: the cost does not depend on which
+    cache = model.new_target_cache()
+    _, taps, presents = model.run_target([filler] * context, 0, cache, last_only=True)
+    cache.update(presents, context)
+    draft_cache = DraftCache()
+    draft_cache.append(model.project_context(taps, 0))
+
+    def median_ms(fn):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1000 * float(np.median(times))
+
+    step = median_ms(lambda: model.run_target([filler], context, cache, last_only=True))
+    verify = median_ms(lambda: model.run_target([filler] * block, context, cache, last_only=False))
+    draft = median_ms(lambda: (model.project_context(taps[:2], context),
+                               model.draft(filler, context, block, draft_cache)))
+    return {"context": context, "block": block, "step_ms": step, "verify_ms": verify, "draft_ms": draft,
+            "verify_ratio": verify / step, "draft_ratio": draft / step}
 
 
-def summarize(rows: list[dict], blocks: list[int]) -> dict:
-    """Per-dataset medians and acceptance, from the per-prompt rows."""
-    plain = [r["plain"]["decode_tokens_per_s"] for r in rows]
-    out = {"prompts": len(rows), "plain_decode_tok_s": statistics.median(plain),
-           "plain_ttft_ms": 1000 * statistics.median(r["plain"]["ttft_s"] for r in rows)}
-    for b in blocks:
-        runs = [r[f"dflash_{b}"] for r in rows]
-        hist: dict[str, int] = {}
-        for run in runs:
-            for k, v in run["acceptance_histogram"].items():
-                hist[k] = hist.get(k, 0) + v
-        committed = sum(run["new_tokens"] - 1 for run in runs)  # the first token comes from prefill
-        out[f"block_{b}"] = {
-            "tau_mean": statistics.mean(run["tau"] for run in runs),
-            "tau_pooled": committed / max(1, sum(run["rounds"] for run in runs)),
-            "decode_tok_s": statistics.median(run["decode_tokens_per_s"] for run in runs),
-            "speedup_median": statistics.median(run["decode_tokens_per_s"] / p for run, p in zip(runs, plain)
-                                                if p > 0),
-            "speedup_total_time": (sum(r["plain"]["decode_s"] for r in rows)
-                                   / max(1e-9, sum(run["decode_s"] for run in runs))),
-            "mismatches": sum(not r[f"exact_{b}"] for r in rows),
-            "acceptance_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
-        }
-    return out
+def timed(fn) -> dict:
+    from .report import peak_rss_mb, reset_peak_rss
 
-
-def markdown(summary: dict, blocks: list[int], machine: str, command: str) -> str:
-    lines = [f"Machine: {machine}", "", f"Command: `{command}`", "",
-             "| dataset | prompts | plain tok/s | block | DFlash tok/s | speed-up (median) | tau (mean) | "
-             "exact |", "|---|---|---|---|---|---|---|---|"]
-    for name, s in summary.items():
-        for b in blocks:
-            d = s[f"block_{b}"]
-            lines.append(f"| {name} | {s['prompts']} | {s['plain_decode_tok_s']:.1f} | {b} | "
-                         f"{d['decode_tok_s']:.1f} | {d['speedup_median']:.2f}x | {d['tau_mean']:.2f} | "
-                         f"{s['prompts'] - d['mismatches']}/{s['prompts']} |")
-    return "\n".join(lines) + "\n"
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+    reset_peak_rss()
+    run = fn()
+    run["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return run
 
 
 def main(argv=None) -> int:
@@ -126,58 +110,88 @@ def main(argv=None) -> int:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     datasets = {name: load_dataset(name)[: args.limit] for name in args.dataset}
     from ..runtime.api import DFlashModel
+    from ..runtime.generate import generate
+    from .oracle import OracleDrafts
+    from .report import machine_description, markdown, plot, summarize_mode
 
     dflash = DFlashModel(args.model, args.provider, threads=args.threads)
-    if not dflash.model.has_drafter:
+    model = dflash.model
+    if not model.has_drafter:
         raise UserError(f"{args.model} has no drafter; export it with one (dflash-export --drafter ...)")
-    plain = DFlashModel(args.model, args.provider, threads=args.threads, use_drafter=False)
-    blocks = [dflash.model.check_block_size(b) for b in (args.block_size or [None])]
-    if args.max_new_tokens >= dflash.model.max_context:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context "
-                        f"({dflash.model.max_context})")
-    # Warm both paths up so the first prompt does not pay session initialisation.
+    blocks = [model.check_block_size(b) for b in (args.block_size or [None])]
+    for t in args.oracle_tau:
+        if not 1 <= t <= blocks[0]:
+            raise UserError(f"--oracle-tau {t} is outside 1..{blocks[0]} (the block size)")
+    if args.max_new_tokens >= model.max_context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context ({model.max_context})")
+    plain = DFlashModel(args.model, args.provider, threads=args.threads, use_drafter=False).model
+    baseline = None
+    if not args.no_transformers:
+        try:
+            from .baselines import TransformersBaseline
+            baseline = TransformersBaseline(model.manifest["target"]["source"], args.threads, model.stop_token_ids)
+        except ImportError:
+            print("  transformers baseline skipped: torch/transformers are not installed", file=sys.stderr)
+    vocab = int(model.target_info["vocab_size"])
+
+    def run(m, ids, block, rewrite=None):
+        out, stats = generate(m, ids, args.max_new_tokens, block, rewrite_drafts=rewrite)
+        return {"tokens": out, **stats.as_dict()}
+
+    # Warm every path up so the first prompt does not pay session initialisation.
     warm = dflash.prompt_ids("Hello")
-    run_one(plain.model, warm, 8, 1)
-    run_one(dflash.model, warm, 8, blocks[0])
+    run(plain, warm, 1)
+    run(model, warm, blocks[0])
+    calibration = calibrate(model, blocks[0])
+    print(f"  calibration: verify {blocks[0]} tokens = {calibration['verify_ratio']:.2f} steps, draft = "
+          f"{calibration['draft_ratio']:.2f} steps (one step {calibration['step_ms']:.1f} ms)", file=sys.stderr)
 
     results, summary = {}, {}
     total = sum(len(p) for p in datasets.values())
     done, t0 = 0, time.perf_counter()
     for name, prompts in datasets.items():
         rows = []
-        for prompt in prompts:
+        for n, prompt in enumerate(prompts):
             ids = dflash.prompt_ids(prompt)
-            if len(ids) + args.max_new_tokens > dflash.model.max_context:
+            if len(ids) + args.max_new_tokens > model.max_context:
                 print(f"  skipping a {len(ids)}-token prompt of {name}: it does not fit the context", file=sys.stderr)
                 continue
-            row = {"prompt_tokens": len(ids), "plain": run_one(plain.model, ids, args.max_new_tokens, 1)}
+            runs = {"plain": timed(lambda: run(plain, ids, 1))}
+            reference = runs["plain"]["tokens"]
             for b in blocks:
-                run = run_one(dflash.model, ids, args.max_new_tokens, b)
-                row[f"exact_{b}"] = run["tokens"] == row["plain"]["tokens"]
-                row[f"dflash_{b}"] = run
-            rows.append(row)
+                runs[f"dflash@{b}"] = timed(lambda: run(model, ids, b))
+            for tau in args.oracle_tau:
+                oracle = OracleDrafts(reference, tau, vocab, seed=n)
+                runs[f"oracle{tau:g}@{blocks[0]}"] = timed(lambda: run(model, ids, blocks[0], oracle))
+            if baseline is not None:
+                runs["transformers"] = timed(lambda: baseline.generate(ids, args.max_new_tokens))
+            rows.append({"prompt_tokens": len(ids), "runs": runs})
             done += 1
             eta = (time.perf_counter() - t0) / done * (total - done)
-            taus = " ".join(f"tau@{b} {row[f'dflash_{b}']['tau']:.2f}" for b in blocks)
-            print(f"  [{done}/{total}] {name}: plain {row['plain']['decode_tokens_per_s']:.1f} tok/s, {taus}, "
+            taus = " ".join(f"tau@{b} {runs[f'dflash@{b}']['tau']:.2f}" for b in blocks)
+            print(f"  [{done}/{total}] {name}: plain {runs['plain']['decode_tokens_per_s']:.1f} tok/s, {taus}, "
                   f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
         if not rows:
             raise UserError(f"no prompt of {name} fits the model's context")
         results[name] = rows
-        summary[name] = summarize(rows, blocks)
+        summary[name] = {"prompts": len(rows), "modes": {m: summarize_mode(rows, m) for m in rows[0]["runs"]}}
 
-    command = "dflash-bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = machine_description()
-    table = markdown(summary, blocks, machine, command)
+    report = {"command": "dflash-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine_description(), "model": str(args.model), "max_new_tokens": args.max_new_tokens,
+              "threads": args.threads, "calibration": calibration,
+              "transformers": baseline.version if baseline else None, "summary": summary, "prompts": results}
+    table = markdown(report)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "machine": machine, "summary": summary,
-                                               "prompts": results}, indent=1) + "\n")
-    mismatches = sum(s[f"block_{b}"]["mismatches"] for s in summary.values() for b in blocks)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot and not plot(report, Path(args.plot)):
+        print("  no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    mismatches = sum(s.get("mismatches", 0) for ds in summary.values() for m, s in ds["modes"].items()
+                     if m != "transformers")
     if mismatches:
-        print(f"error: DFlash output differed from plain decoding on {mismatches} runs", file=sys.stderr)
+        print(f"error: DFlash output differed from plain decoding in {mismatches} runs", file=sys.stderr)
         return 1
     return 0
 

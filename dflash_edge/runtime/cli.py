@@ -21,6 +21,8 @@ def parse_args(argv):
     p.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
     p.add_argument("--fallback", action="store_true", help="run on CPU if the provider is unavailable")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--compare", action="store_true",
+                   help="then decode the same prompt plainly and report the speed-up and whether the outputs match")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -56,15 +58,32 @@ def main(argv=None) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context "
                         f"({model.model.max_context})")
     block = 1 if args.no_draft else model.model.check_block_size(args.block_size)
+    if args.compare and block == 1:
+        raise UserError("--compare needs DFlash: a folder exported with a drafter, without --no-draft or --block-size 1")
     printer = None if args.json else (lambda piece: print(piece, end="", flush=True))
     result = model.generate(text, args.max_new_tokens, block, system=args.system, raw=args.raw, on_text=printer)
     stats = result.stats
+    plain = None
+    if args.compare:
+        del model  # one model in memory at a time; the plain one runs without the drafter sessions
+        plain = DFlashModel(args.model, args.provider, args.fallback, args.threads, use_drafter=False)
+        plain = plain.generate(text, args.max_new_tokens, 1, system=args.system, raw=args.raw)
     if args.json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, **stats.as_dict()}))
-    else:
-        spec = f", tau {stats.tau:.2f} at block {block}" if block > 1 else ""
-        print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
-              f"first token {stats.ttft_s * 1000:.0f} ms{spec}, {stats.finish_reason}]", file=sys.stderr)
+        out = {"text": result.text, "token_ids": result.token_ids, **stats.as_dict()}
+        if plain:
+            out["plain"] = {"identical": plain.token_ids == result.token_ids, **plain.stats.as_dict()}
+        print(json.dumps(out))
+        return 0
+    spec = f", tau {stats.tau:.2f} at block {block}" if block > 1 else ""
+    print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
+          f"first token {stats.ttft_s * 1000:.0f} ms{spec}, {stats.finish_reason}]", file=sys.stderr)
+    if plain:
+        speed = plain.stats.decode_tokens_per_s
+        ratio = stats.decode_tokens_per_s / speed if speed else float("nan")
+        same = "identical output" if plain.token_ids == result.token_ids else "OUTPUT DIFFERS"
+        print(f"[plain decoding: {speed:.1f} tok/s; DFlash is {ratio:.2f}x plain, {same}]", file=sys.stderr)
+        if plain.token_ids != result.token_ids:
+            return 1
     return 0
 
 

@@ -21,6 +21,9 @@ from .model import DraftCache, ExportedModel
 
 # A drafter hook for tests and benchmarks: (committed ids so far, block size) -> B-1 proposed ids.
 DraftFn = Callable[[list[int], int], list[int]]
+# A benchmark hook that runs after the real drafter (its cost is paid): (generated ids so far, the drafter's
+# proposals) -> the proposals to verify. dflash-bench --oracle-tau uses it.
+RewriteFn = Callable[[list[int], list[int]], list[int]]
 
 
 @dataclass
@@ -75,7 +78,8 @@ def check_request(model: ExportedModel, prompt_ids: list[int], max_new_tokens: i
 
 def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
              block_size: int | None = None, on_tokens: Callable[[list[int]], None] | None = None,
-             draft_fn: DraftFn | None = None) -> tuple[list[int], GenerationStats]:
+             draft_fn: DraftFn | None = None,
+             rewrite_drafts: RewriteFn | None = None) -> tuple[list[int], GenerationStats]:
     """Greedy generation. block_size 1 is plain decoding; None uses the drafter's trained size."""
     check_request(model, prompt_ids, max_new_tokens)
     block_size = model.check_block_size(block_size) if draft_fn is None else block_size
@@ -108,6 +112,8 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
             if use_drafter:
                 draft_cache.append(model.project_context(pending, pending_start))
                 drafts = model.draft(token, start, block, draft_cache)
+                if rewrite_drafts is not None:
+                    drafts = rewrite_drafts(out, drafts)
             else:
                 drafts = list(draft_fn(list(prompt_ids) + out, block))[: block - 1]
             stats.draft_s += time.perf_counter() - t

@@ -391,3 +391,40 @@ def test_last_layer_tap_matches_reference(ref_target):
         _, aux, *_ = target(ids, torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long), torch.arange(4), *past)
         hidden = ref_target(ids, output_hidden_states=True).hidden_states
     assert rel_err(aux, ref.extract_context_feature(hidden, [last])) < RTOL
+
+
+# ------------------------------------------------------------------------------- trained checkpoints
+
+def _shipped_drafters():
+    from dflash_edge.export.sources import SHIPPED_DRAFTERS
+
+    return [p for p in SHIPPED_DRAFTERS.values() if (p / "config.json").is_file()]
+
+
+@pytest.mark.parametrize("folder", _shipped_drafters(), ids=lambda p: p.name)
+def test_shipped_drafter_loads_unchanged_in_the_reference(folder):
+    """The drafter dflash-train wrote (bf16 safetensors, z-lab config) loads in the reference package with every
+    weight used and none missing, and both implementations compute the same draft logits from it."""
+    model, info = ref.DFlashDraftModel.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours = load_drafter(folder)
+    cfg = ours.config
+    assert list(model.target_layer_ids) == cfg.target_layer_ids and model.block_size == cfg.block_size
+    assert model.mask_token_id == cfg.mask_token_id
+    g = torch.Generator().manual_seed(0)
+    embed = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g) * 0.05
+    head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    head.weight.data = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g) * 0.05
+    ours.attach_target(embed, head.weight)
+    ctx = 12
+    features = torch.randn(1, ctx, len(cfg.target_layer_ids) * cfg.hidden_size, generator=g) * 3
+    block_ids = torch.tensor([[17] + [cfg.mask_token_id] * (cfg.block_size - 1)])
+    positions = torch.arange(ctx + cfg.block_size)[None]
+    with torch.no_grad():
+        mine = ours.float()(features, positions[:, :ctx], block_ids, positions[:, ctx:])
+        hidden = model(target_hidden=features, noise_embedding=torch.nn.functional.embedding(block_ids, embed),
+                       position_ids=positions, use_cache=False)
+        theirs = model.compute_logits(hidden, head)
+    err = rel_err(mine, theirs)
+    print(f"\nparity: shipped drafter {folder.name}: max rel err {err:.2e}")
+    assert err < RTOL
