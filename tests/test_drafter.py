@@ -97,3 +97,17 @@ def test_context_projected_in_pieces_equals_projected_at_once():
                                                 model.context_kv(feats[:, 4:], pos[:, 4:]))]
     for a, b in zip(whole, parts):
         torch.testing.assert_close(a, b)
+
+
+def test_shipped_smollm2_drafter_fits_its_target_and_is_small():
+    from dflash_edge.export.sources import SHIPPED_DRAFTERS, resolve_model
+
+    folder = SHIPPED_DRAFTERS["smollm2-135m"]
+    assert resolve_model("smollm2-135m").shipped_drafter == folder
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size <= 40 * 2**20
+    cfg = DrafterConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    assert (cfg.hidden_size, cfg.vocab_size, cfg.block_size) == (576, 49152, 16)
+    assert cfg.target_layer_ids == default_tap_layer_ids(30)
+    report = json.loads((folder / "training_report.json").read_text())
+    assert report["steps"] > 0 and report["supervised_tokens"] > 100_000

@@ -20,17 +20,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from transformers import AutoConfig
-
-    from dflash_edge.export.drafter import config_for_target, random_drafter, save_drafter
     from dflash_edge.export.pipeline import export
-    from dflash_edge.export.sources import load_hf, resolve_model, smollm2_gguf
+    from dflash_edge.export.sources import load_hf, resolve_model
 
     root = tmp_path_factory.mktemp("smollm2")
-    gguf = smollm2_gguf()
-    cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    save_drafter(random_drafter(config_for_target(cfg, num_layers=1, block_size=8)), root / "drafter")
-    out = export("smollm2-135m", str(root / "onnx"), drafter=str(root / "drafter"), log=lambda *a: None)
+    # No --drafter: the export picks up the drafter that ships in the package, as `make demo` does.
+    out = export("smollm2-135m", str(root / "onnx"), log=lambda *a: None)
     hf, tokenizer, _ = load_hf(resolve_model("smollm2-135m"), log=lambda *a: None)
     return out, hf, tokenizer
 

@@ -44,6 +44,48 @@ def test_labels_are_not_shifted():
     assert info["accept"] == cfg.block_size
 
 
+def _small_drafter(vocab=40):
+    cfg = DrafterConfig.from_dict({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                                   "vocab_size": vocab, "mask_token_id": vocab - 1, "target_layer_ids": [0, 1],
+                                   "block_size": 4})
+    drafter = random_drafter(cfg, std=0.3)
+    g = torch.Generator().manual_seed(0)
+    drafter.attach_target(torch.randn(vocab, 16, generator=g), torch.randn(vocab, 16, generator=g))
+    return drafter
+
+
+def test_sampled_negatives_estimate_the_full_vocabulary_softmax():
+    """With every token outside the draft vocabulary sampled once, the loss is the full-vocabulary loss."""
+    drafter = _small_drafter()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 10, (12,), generator=g)           # labels all inside the subset 0..19
+    features, mask, anchors = torch.randn(12, 32, generator=g), torch.ones(12), torch.tensor([2, 6])
+    full, _ = dflash_loss(drafter, features, tokens, mask, anchors, 4.0)
+    subset = torch.arange(20)
+    reduced, _ = dflash_loss(drafter, features, tokens, mask, anchors, 4.0, subset)
+    exact, _ = dflash_loss(drafter, features, tokens, mask, anchors, 4.0, subset, torch.arange(20, 40), 1.0)
+    assert reduced < full - 1e-3           # without negatives the outside tokens are simply ignored
+    assert torch.allclose(exact, full, atol=1e-5)
+    half, _ = dflash_loss(drafter, features, tokens, mask, anchors, 4.0, subset, torch.arange(20, 40, 2), 2.0)
+    assert abs(half.item() - full.item()) < abs(reduced.item() - full.item())
+
+
+def test_feature_scale_folds_into_fc():
+    """A drafter trained on features * s, with s folded into fc, gives the same drafts on raw features."""
+    from dflash_edge.train.trainer import fold_feature_scale
+
+    drafter = _small_drafter()
+    raw = torch.randn(1, 9, 32) * torch.logspace(-1, 3, 32)    # channels three orders of magnitude apart
+    scale = 1 / raw[0].pow(2).mean(0).sqrt()
+    pos, block_ids = torch.arange(13)[None], torch.tensor([[3, 39, 39, 39]])
+    with torch.no_grad():
+        trained_view = drafter(raw * scale, pos[:, :9], block_ids, pos[:, 9:])
+        fold_feature_scale(drafter, scale)
+        folded = drafter(raw, pos[:, :9], block_ids, pos[:, 9:])
+    assert torch.allclose(folded, trained_view, rtol=1e-4, atol=1e-4)
+
+
 def test_anchors_stay_inside_supervised_positions():
     mask = torch.tensor([0] * 5 + [1] * 20)
     a = sample_anchors(mask, block=4, count=100, generator=torch.Generator().manual_seed(0))

@@ -45,6 +45,9 @@ def parse_args(argv):
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="train the softmax over only the K most frequent response tokens (faster on CPU; the "
                         "checkpoint still uses the target's full LM head)")
+    p.add_argument("--negatives", type=int, default=4096,
+                   help="with --draft-vocab: tokens from outside it sampled into every softmax, so that they do not "
+                        "win the argmax at inference, where the full LM head is used")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
     from .data import chat_prompts, load_sequences, read_prompts, regenerate, save_sequences, text_sequences
     from .features import FeatureStore, compute_features
     from .objective import default_gamma
-    from .trainer import TrainConfig, train, write_checkpoint
+    from .trainer import TrainConfig, feature_scale, fold_feature_scale, train, write_checkpoint
 
     conversations = read_prompts(Path(args.data))[: args.limit]
     t_start = time.perf_counter()
@@ -155,12 +158,15 @@ def main(argv=None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, batch=args.batch, anchors=args.anchors,
                       gamma=args.gamma or default_gamma(args.block_size), seed=args.seed, device=args.device,
                       eval_every=args.eval_every, save_every=args.eval_every,
-                      bf16=precision == "bf16")
+                      bf16=precision == "bf16", negatives=args.negatives)
     print(f"[3/4] training a {args.draft_layers}-layer drafter, block {args.block_size}, {cfg.anchors} anchors "
           f"per sequence, {cfg.steps} steps on {args.device} ({precision})")
-    result = train(drafter, store, seqs, work, cfg, vocab_subset)
+    scale = feature_scale(store)
+    result = train(drafter, store, seqs, work, cfg, vocab_subset, feature_scale=scale.to(args.device))
     print(f"[4/4] writing {output}")
-    write_checkpoint(drafter.cpu().float(), output)
+    drafter = drafter.cpu().float()
+    fold_feature_scale(drafter, scale)
+    write_checkpoint(drafter, output)
     report = {
         "target": source.describe(), "command": "dflash-train " + " ".join(argv or sys.argv[1:]),
         "sequences": len(seqs), "tokens": n_tokens, "supervised_tokens": n_supervised,

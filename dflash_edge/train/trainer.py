@@ -26,7 +26,8 @@ class TrainConfig:
     gamma: float = 7.0
     clip: float = 1.0
     eval_every: int = 100
-    eval_sequences: int = 64
+    eval_sequences: int = 32
+    negatives: int = 4096              # with a draft vocabulary: tokens outside it sampled into each softmax
     save_every: int = 100
     seed: int = 0
     device: str = "cpu"
@@ -42,8 +43,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], cfg: TrainConfig,
-             vocab_subset) -> dict:
-    """Held-out loss and the acceptance the drafter would get on teacher-forced blocks."""
+             feature_scale: torch.Tensor | None = None) -> dict:
+    """Held-out loss and the acceptance the drafter would get on teacher-forced blocks, over the full
+    vocabulary (as at inference, whatever draft vocabulary training uses)."""
     drafter.eval()
     g = torch.Generator().manual_seed(1234)
     losses, accepts = [], []
@@ -55,8 +57,9 @@ def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], 
             if anchors.numel() == 0:
                 continue
             with torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, info = dflash_loss(drafter, store[i].to(cfg.device), torch.tensor(s.tokens, device=cfg.device),
-                                         mask.to(cfg.device), anchors.to(cfg.device), cfg.gamma, vocab_subset)
+                loss, info = dflash_loss(drafter, scaled(store[i], feature_scale, cfg.device),
+                                         torch.tensor(s.tokens, device=cfg.device), mask.to(cfg.device),
+                                         anchors.to(cfg.device), cfg.gamma)
             losses.append(loss.item())
             accepts.append(info["accept"])
     drafter.train()
@@ -65,9 +68,40 @@ def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], 
     return {"loss": sum(losses) / len(losses), "tau_estimate": sum(accepts) / len(accepts)}
 
 
+def feature_scale(store: FeatureStore, rows: int = 20000, seed: int = 0) -> torch.Tensor:
+    """1 / RMS of every tapped feature, from a fixed sample of the store.
+
+    Taps differ in scale by three orders of magnitude (median RMS 1.3 in an early SmolLM2 tap, 16 in a late
+    one, 1,600 in a few "massive activation" channels). Through a randomly initialised fc those few channels
+    carry almost all of the output, so after the RMSNorm every context position looks alike, and Adam's
+    per-weight steps on their columns inject noise 1,000x larger than the signal. Training therefore sees
+    features scaled to unit RMS per channel, and the scale is folded into fc when the checkpoint is written
+    (fold_feature_scale), so the checkpoint takes raw taps like any z-lab drafter.
+    """
+    import numpy as np
+
+    n = store.data.shape[0]
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
+    x = torch.from_numpy(np.asarray(store.data[idx], dtype=np.float32))
+    rms = x.pow(2).mean(0).sqrt()
+    return 1.0 / rms.clamp(min=1e-3)
+
+
+def scaled(features: torch.Tensor, scale: torch.Tensor | None, device: str) -> torch.Tensor:
+    return (features if scale is None else features * scale).to(device)
+
+
+def fold_feature_scale(drafter: DFlashDrafter, scale: torch.Tensor) -> None:
+    """fc(x * s) == (fc.weight * s) x: the trained drafter, made to take raw taps."""
+    with torch.no_grad():
+        drafter.fc.weight.mul_(scale.to(drafter.fc.weight)[None, :])
+
+
 def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: TrainConfig, vocab_subset=None,
-          log=print) -> dict:
-    """Train in place; resumes from work/state.pt if it exists. Returns the final metrics."""
+          log=print, feature_scale: torch.Tensor | None = None) -> dict:
+    """Train in place; resumes from work/state.pt if it exists. Returns the final metrics.
+
+    With feature_scale, the drafter sees features * feature_scale (fold it into fc before saving)."""
     rng = random.Random(cfg.seed)
     order = list(range(len(seqs)))
     rng.shuffle(order)
@@ -86,10 +120,15 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
         rng.setstate(state["rng"])
         log(f"  resumed at step {step}")
     if step == 0:
-        metrics = evaluate(drafter, store, seqs, eval_ids, cfg, vocab_subset)
+        metrics = evaluate(drafter, store, seqs, eval_ids, cfg, feature_scale)
         history.append({"step": 0, **metrics})
         log(f"  eval before training: loss {metrics['loss']:.3f}, tau estimate {metrics['tau_estimate']:.2f}")
     g = torch.Generator().manual_seed(cfg.seed + step)
+    outside = None
+    if vocab_subset is not None and cfg.negatives:
+        keep = torch.ones(drafter.config.vocab_size, dtype=torch.bool, device=vocab_subset.device)
+        keep[vocab_subset] = False
+        outside = keep.nonzero().flatten()
     drafter.train()
     t0, tokens, started = time.perf_counter(), 0, step
     while step < cfg.steps:
@@ -107,9 +146,15 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
             anchors = sample_anchors(mask, drafter.config.block_size, cfg.anchors, g)
             if anchors.numel() == 0:
                 continue
+            negatives, weight = None, 1.0
+            if outside is not None and outside.numel():
+                k = min(cfg.negatives, outside.numel())
+                negatives = outside[torch.randint(outside.numel(), (k,), generator=g).to(outside.device)]
+                weight = outside.numel() / k
             with torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, info = dflash_loss(drafter, store[i].to(cfg.device), torch.tensor(s.tokens, device=cfg.device),
-                                         mask.to(cfg.device), anchors.to(cfg.device), cfg.gamma, vocab_subset)
+                loss, info = dflash_loss(drafter, scaled(store[i], feature_scale, cfg.device),
+                                         torch.tensor(s.tokens, device=cfg.device), mask.to(cfg.device),
+                                         anchors.to(cfg.device), cfg.gamma, vocab_subset, negatives, weight)
             (loss / cfg.batch).backward()
             total += loss.item() / cfg.batch
             tokens += info["rows"]
@@ -123,7 +168,7 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
             log(f"  step {step}/{cfg.steps} loss {total:.3f} lr {lr_at(step, cfg):.2e} "
                 f"{tokens / elapsed:.0f} tok/s ETA {eta / 60:.1f} min")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics = evaluate(drafter, store, seqs, eval_ids, cfg, vocab_subset)
+            metrics = evaluate(drafter, store, seqs, eval_ids, cfg, feature_scale)
             history.append({"step": step, "train_loss": total, **metrics})
             log(f"  eval step {step}: loss {metrics['loss']:.3f}, tau estimate {metrics['tau_estimate']:.2f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
