@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         if plain:
             out["plain"] = {"identical": plain.token_ids == result.token_ids, **plain.stats.as_dict()}
         print(json.dumps(out))
-        return 0
+        return 1 if plain and plain.token_ids != result.token_ids else 0
     spec = f", tau {stats.tau:.2f} at block {block}" if block > 1 else ""
     print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
           f"first token {stats.ttft_s * 1000:.0f} ms{spec}, {stats.finish_reason}]", file=sys.stderr)

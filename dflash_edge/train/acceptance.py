@@ -15,8 +15,10 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -99,8 +101,6 @@ def main(argv=None) -> int:
     template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
     report = {"target": source.describe(), "drafter": str(args.drafter), "max_new_tokens": args.max_new_tokens,
               "datasets": {}}
-    import tempfile
-    from pathlib import Path
     for name in args.dataset:
         prompts = load_dataset(name)[: args.limit]
         ids = chat_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], template_kwargs)

@@ -60,9 +60,9 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
         empty = [torch.zeros(len(batch), spec.num_kv_heads, 0, spec.head_dim, device=device,
                              dtype=target.embed_tokens.weight.dtype)] * (2 * spec.num_layers)
         pos = torch.arange(width_now)[None].expand(len(batch), -1)
-        with torch.no_grad():
-            _, taps, *_ = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
-                                 torch.tensor([width_now - 1], device=device), *empty)
+        # The target runs in its own dtype (bf16 with dflash-train --precision bf16).
+        _, taps, *_ = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
+                             torch.tensor([width_now - 1], device=device), *empty)
         taps = taps.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
         for r, j in enumerate(batch):
             n = len(seqs[j].tokens)
