@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError, run_cli
+from ..jsonl import read_jsonl
 
 
 def parse_args(argv):
@@ -48,17 +49,10 @@ def load_dataset(name: str) -> list[str]:
     if not path.is_file():
         raise UserError(f"--dataset {name}: not {', '.join(SETS)} and not a file")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise UserError(f"{path}:{n} needs a \"prompt\" string")
-            prompts.append(row["prompt"])
+    for n, row in read_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UserError(f"{path}:{n} needs a \"prompt\" string")
+        prompts.append(row["prompt"])
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts

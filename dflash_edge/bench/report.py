@@ -87,8 +87,9 @@ def plot(report: dict, path: Path) -> bool:
             ax.scatter(xs, ys, s=14, label=f"{name} {mode}")
     cal = report.get("calibration")
     if cal:
-        top = max(2.0, max((max(r["runs"][m]["tau"] for r in rows for m in rows[0]["runs"] if "tau" in r["runs"][m])
-                            for rows in report["prompts"].values()), default=2.0))
+        taus = [run["tau"] for rows in report["prompts"].values() for r in rows for run in r["runs"].values()
+                if "tau" in run]
+        top = max([2.0, *taus])
         xs = [1 + i * (top - 1) / 50 for i in range(51)]
         ax.plot(xs, [x / (cal["verify_ratio"] + cal["draft_ratio"]) for x in xs], "k--", lw=1,
                 label="ceiling: tau / (verify + draft cost)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..jsonl import read_jsonl
 
 
 @dataclass
@@ -29,25 +30,18 @@ def read_prompts(path: Path) -> list[list[dict]]:
     if not path.is_file():
         raise UserError(f"training data {path} does not exist")
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                convs.append([{"role": "user", "content": row["prompt"]}])
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                # Keep the turns up to the last user message; the target writes the reply itself.
-                msgs = [m for m in row["messages"] if isinstance(m, dict) and "role" in m and "content" in m]
-                while msgs and msgs[-1]["role"] != "user":
-                    msgs.pop()
-                if msgs:
-                    convs.append(msgs)
-            else:
-                raise UserError(f"{path}:{n} needs a \"prompt\" string or a \"messages\" list")
+    for n, row in read_jsonl(path):
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            convs.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            # Keep the turns up to the last user message; the target writes the reply itself.
+            msgs = [m for m in row["messages"] if isinstance(m, dict) and "role" in m and "content" in m]
+            while msgs and msgs[-1]["role"] != "user":
+                msgs.pop()
+            if msgs:
+                convs.append(msgs)
+        else:
+            raise UserError(f"{path}:{n} needs a \"prompt\" string or a \"messages\" list")
     if not convs:
         raise UserError(f"{path} holds no prompts")
     return convs
