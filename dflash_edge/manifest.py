@@ -11,7 +11,8 @@ from .errors import UserError
 
 MANIFEST_NAME = "dflash_edge.json"
 FORMAT_NAME = "dflash-edge"
-FORMAT_VERSION = 1
+# 2: present.* holds the new positions only; the runtime owns the cache buffer (1: past + new).
+FORMAT_VERSION = 2
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -37,6 +38,9 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise UserError(f"{path} is not a dflash-edge manifest")
     version = manifest.get("format_version")
+    if version == 1:
+        raise UserError(f"{path} was written by an older dflash-edge (format 1, whose graphs copy the whole "
+                        f"KV cache every step); export the model again")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{path} has format version {version}, this dflash-edge reads up to "
                         f"{FORMAT_VERSION}; upgrade dflash-edge or export again with this version")

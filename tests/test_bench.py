@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,15 +13,17 @@ def test_bench_runs_every_method_side_by_side_and_checks_exactness(tmp_path, tin
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello world", "the cat sat", "sort")))
     out = bench("--model", tiny_llama[2], "--dataset", prompts, "--limit", 2, "--max-new-tokens", 40,
-                "--block-size", 16, 4, "--oracle-tau", 6.5, "--json", tmp_path / "r.json",
+                "--block-size", "auto", 16, 4, "--oracle-tau", 6.5, "--json", tmp_path / "r.json",
                 "--markdown", tmp_path / "r.md", "--plot", tmp_path / "r.png")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     modes = report["summary"][str(prompts)]["modes"]
     assert report["summary"][str(prompts)]["prompts"] == 2
-    assert set(modes) == {"plain", "dflash@16", "dflash@4", "oracle6.5@16", "transformers"}
+    optimum = ["optimum"] if importlib.util.find_spec("optimum") else []  # `make install` installs it
+    assert set(modes) == {"plain", "dflash@auto", "dflash@16", "dflash@4", "oracle6.5@16", "transformers", *optimum}
     rows = report["prompts"][str(prompts)]
-    for mode in ("dflash@16", "dflash@4", "oracle6.5@16"):
+    assert sum(modes["dflash@auto"]["block_histogram"].values()) == sum(r["runs"]["dflash@auto"]["rounds"] for r in rows)
+    for mode in ("dflash@auto", "dflash@16", "dflash@4", "oracle6.5@16"):
         assert modes[mode]["mismatches"] == 0
         assert sum(modes[mode]["acceptance_histogram"].values()) == sum(r["runs"][mode]["rounds"] for r in rows)
     # The oracle hits the asked acceptance (up to the rounds cut short by the end of the reply).
@@ -41,6 +44,7 @@ def test_bench_refuses_bad_input_in_one_line(tmp_path, tiny_llama):
     for args, needle in (((tiny_llama[2], "--dataset", bad), "needs a \"prompt\""),
                          ((tiny_llama[2], "--dataset", tmp_path / "missing.jsonl"), "not humaneval"),
                          ((tiny_llama[2], "--max-new-tokens", 0), "at least 1"),
+                         ((tiny_llama[2], "--block-size", "big"), "numbers or 'auto'"),
                          ((tmp_path, "--dataset", good), str(tmp_path))):
         out = bench("--model", *args)
         assert out.returncode == 2, out.stderr

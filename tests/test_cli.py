@@ -21,7 +21,11 @@ def test_generate_json_reports_text_ids_and_speculative_stats(tiny_llama):
     for key in ("text", "token_ids", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "tau", "rounds",
                 "acceptance_histogram", "draft_s", "verify_s", "block_size", "finish_reason"):
         assert key in d, key
-    assert 1 <= len(d["token_ids"]) <= 12 and d["block_size"] == 16
+    assert 1 <= len(d["token_ids"]) <= 12 and d["block_size"] == "auto"
+    assert sum(d["block_histogram"].values()) == d["rounds"]
+    fixed = json.loads(run(GENERATE + ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12",
+                                       "--json", "--block-size", "16"]).stdout)
+    assert fixed["block_size"] == 16 and fixed["token_ids"] == d["token_ids"]
     plain = json.loads(run(GENERATE + ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12",
                                        "--json", "--no-draft"]).stdout)
     assert plain["token_ids"] == d["token_ids"] and plain["text"] == d["text"]
@@ -34,13 +38,21 @@ def test_generate_streams_text_and_reports_speed(tiny_llama):
     assert b"tok/s" in out.stderr
 
 
+def test_generate_profile_breaks_a_round_down(tiny_llama):
+    out = run(GENERATE + ["--model", str(tiny_llama[2]), "hello", "--max-new-tokens", "20", "--block-size", "4",
+                          "--profile"])
+    assert out.returncode == 0, out.stderr.decode()
+    line = [l for l in out.stderr.decode().splitlines() if l.startswith("[profile:")][0]
+    assert "draft" in line and "verify" in line and "host" in line and "{4:" in line
+
+
 def test_generate_compare_reports_speedup_and_identical_output(tiny_llama):
     out = run(GENERATE + ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12", "--compare"])
     assert out.returncode == 0, out.stderr.decode()
     assert b"x plain, identical output" in out.stderr and b"tau" in out.stderr
     d = json.loads(run(GENERATE + ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12",
                                    "--compare", "--json"]).stdout)
-    assert d["plain"]["identical"] and d["plain"]["block_size"] == 1 and d["block_size"] == 16
+    assert d["plain"]["identical"] and d["plain"]["block_size"] == 1 and d["block_size"] == "auto"
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +64,9 @@ def broken(tiny_llama, tmp_path_factory):
     m = json.loads((newer / "dflash_edge.json").read_text())
     m["format_version"] = 99
     (newer / "dflash_edge.json").write_text(json.dumps(m))
+    older = shutil.copytree(src, root / "older")
+    m["format_version"] = 1
+    (older / "dflash_edge.json").write_text(json.dumps(m))
     truncated = shutil.copytree(src, root / "truncated")
     data = (truncated / "target.onnx").read_bytes()
     (truncated / "target.onnx").write_bytes(data[: len(data) // 3])
@@ -65,6 +80,7 @@ GENERATE_CASES = {
     "missing folder": (["--model", "/nonexistent/x", "hi"], "does not exist"),
     "not an export": (["--model", "{broken}/empty", "hi"], "not a dflash-edge export"),
     "newer manifest": (["--model", "{broken}/newer", "hi"], "format version 99"),
+    "older manifest": (["--model", "{broken}/older", "hi"], "older dflash-edge"),
     "corrupted manifest": (["--model", "{broken}/garbled", "hi"], "corrupted"),
     "truncated graph": (["--model", "{broken}/truncated", "hi"], "target.onnx"),
     "unknown provider": (["--model", "{export}", "hi", "--provider", "metal"], "unknown provider"),

@@ -13,7 +13,7 @@ from dflash_edge.runtime.model import ExportedModel
 def test_manifest_describes_the_folder(tiny):
     _, _, out = tiny
     m = json.loads((out / "dflash_edge.json").read_text())
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["target"]["graph"] == "target.onnx"
     assert all(v["ok"] for v in m["export"]["validation"].values())
     assert m["stop_token_ids"] == [2]
@@ -49,7 +49,7 @@ def test_prefill_computes_logits_only_where_asked(tiny):
     _, _, out = tiny
     model = ExportedModel(out, load_drafter=False)
     cache = model.new_target_cache()
-    logits, taps, _ = model.run_target(list(range(5, 25)), 0, cache, last_only=True)
+    logits, taps, _ = model.run_target(list(range(5, 25)), cache, last_only=True)
     assert logits.shape[0] == 1 and taps.shape[0] == 20
 
 
@@ -81,7 +81,7 @@ def test_taps_are_outputs_of_the_listed_blocks(tiny):
     hf_dir, _, out = tiny
     model = ExportedModel(out, load_drafter=False)
     ids = model.tokenizer.encode("the dog sat on the big mat")
-    _, taps, _ = model.run_target(ids, 0, model.new_target_cache(), last_only=True)
+    _, taps, _ = model.run_target(ids, model.new_target_cache(), last_only=True)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
@@ -142,3 +142,35 @@ def test_external_data_export_runs(tmp_path, tiny_llama, monkeypatch):
     reference = ExportedModel(tiny_llama[2])
     ids = model.tokenizer.encode("hello world")
     assert generate(model, ids, 20, block_size=4)[0] == generate(reference, ids, 20, block_size=4)[0]
+
+
+def test_reduced_draft_vocabulary_scores_only_its_tokens_and_stays_lossless(tiny_llama, tmp_path):
+    import shutil
+
+    from dflash_edge.errors import UserError
+    from dflash_edge.export.drafter import write_draft_vocab
+    from dflash_edge.export.pipeline import export
+    from dflash_edge.runtime.generate import generate
+    from dflash_edge.runtime.model import DraftCache
+
+    hf, drafter, _ = tiny_llama
+    with_vocab = shutil.copytree(drafter, tmp_path / "drafter")
+    keep = list(range(3, 43))  # 40 of the tiny vocabulary's tokens
+    write_draft_vocab(with_vocab, keep, coverage=0.9)
+    with pytest.raises(UserError, match="exceeds the 40 tokens"):
+        export(str(hf), str(tmp_path / "x"), drafter=str(with_vocab), draft_vocab=41, log=lambda *a: None)
+    with pytest.raises(UserError, match="has no draft_vocab.json"):
+        export(str(hf), str(tmp_path / "x"), drafter=str(drafter), draft_vocab=8, log=lambda *a: None)
+    assert not (tmp_path / "x").exists()
+
+    out = export(str(hf), str(tmp_path / "onnx"), drafter=str(with_vocab), draft_vocab=16, log=lambda *a: None)
+    model = ExportedModel(out)
+    assert model.manifest["drafter"]["draft_vocab_size"] == 16
+    model.stop_token_ids = set()
+    ids = model.tokenizer.encode("the cat sat on the mat")
+    _, taps, _ = model.run_target(ids, model.new_target_cache(), last_only=True)
+    cache = DraftCache()
+    cache.append(model.project_context(taps, 0))
+    assert set(model.draft(5, len(ids), 16, cache)) <= set(keep[:16])
+    plain = generate(model, ids, 40, block_size=1)[0]
+    assert generate(model, ids, 40, block_size=8)[0] == plain

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from dflash_edge.runtime.generate import generate
-from dflash_edge.runtime.model import ExportedModel
+from dflash_edge.runtime.model import ExportedModel, TargetCache
 
 PROMPTS = ["hi", "the cat sat on the mat", "def sort list : return list . sort ( ) and print the big red list " * 3]
 
@@ -126,3 +126,29 @@ def test_qwen3_drafter_is_lossless(tiny_qwen3):
         assert generate(model, ids, 40, block_size=block)[0] == reference
         got, _ = generate(model, ids, 40, block_size=block, draft_fn=oracle(reference, len(ids), 0.2))
         assert got == reference
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_per_round_block_choice_is_lossless(llama, prompt):
+    ids = llama.tokenizer.encode(prompt)
+    got, stats = generate(llama, ids, 60)  # block_size None: the policy picks every round
+    assert got == plain(llama, ids, 60)
+    assert stats.as_dict()["block_size"] == "auto"
+    assert sum(stats.blocks.values()) == stats.rounds
+
+
+def test_cache_grows_past_its_chunks_without_changing_the_output(llama):
+    """Rollbacks and buffer growth (every TargetCache.CHUNK positions) across a long reply."""
+    ids = llama.tokenizer.encode(PROMPTS[2])
+    n = 2 * TargetCache.CHUNK + 5
+    reference = plain(llama, ids, n)
+    got, _ = generate(llama, ids, n, block_size=8, draft_fn=oracle(reference, len(ids), corrupt=0.3))
+    assert got == reference
+    cache = llama.new_target_cache()
+    _, _, presents = llama.run_target(ids, cache, last_only=True)
+    cache.commit(presents, len(ids))
+    assert cache.length == len(ids) and cache.capacity % TargetCache.CHUNK == 0
+    _, _, presents = llama.run_target([1, 2, 3], cache, last_only=False)
+    cache.commit(presents, 1)  # two rejected drafts: only the first new position is kept
+    keys, _ = cache.layer(0)
+    assert keys.shape[2] == len(ids) + 1

@@ -56,7 +56,7 @@ def test_ort_greedy_equals_transformers_over_64_tokens(smollm2, prompt):
     assert got == ref
 
 
-@pytest.mark.parametrize("block", [2, 8])
+@pytest.mark.parametrize("block", [2, 8, None])  # None: the block size chosen round by round
 def test_dflash_equals_plain_decoding(smollm2, block):
     out, _, _ = smollm2
     model = DFlashModel(out)

@@ -148,7 +148,7 @@ def test_tiny_training_lowers_the_loss_and_beats_an_untrained_drafter(trained, t
     for name, drafter in (("trained", root / "drafter"), ("untrained", untrained)):
         out = export(str(tiny_llama[0]), str(root / f"onnx-{name}"), drafter=str(drafter), log=lambda *a: None)
         model = DFlashModel(out)
-        runs = [model.generate(p, 40, raw=False) for p in ("hello world", "the cat sat", "def sort list")]
+        runs = [model.generate(p, 40, block_size=8) for p in ("hello world", "the cat sat", "def sort list")]
         taus[name] = sum(r.stats.tau for r in runs) / len(runs)
     assert taus["trained"] > taus["untrained"] + 0.3, taus
 
@@ -157,11 +157,19 @@ def test_training_resumes_from_its_state(trained, tiny_llama):
     root, _ = trained
     cmd = [sys.executable, "-m", "dflash_edge.train.cli", "--target", str(tiny_llama[0]), "--data",
            str(root / "prompts.jsonl"), "--output", str(root / "drafter2"), "--work", str(root / "drafter.work"),
-           "--steps", "70", "--anchors", "16", "--batch", "1", "--block-size", "8", "--mask-token-id", "3"]
+           "--steps", "70", "--anchors", "16", "--batch", "1", "--block-size", "8", "--mask-token-id", "3",
+           "--draft-vocab", "20"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cached sequences" in out.stdout and "cached features" in out.stdout
     assert "resumed at step 60" in out.stdout
+    # The draft vocabulary it trained on ships beside the checkpoint, most frequent label first.
+    from dflash_edge.export.drafter import read_draft_vocab
+    from dflash_edge.train.data import label_counts, load_sequences
+
+    ranked = read_draft_vocab(root / "drafter2", 10**6)
+    counts = label_counts(load_sequences(root / "drafter.work" / "sequences.jsonl"), 10**6)
+    assert len(ranked) == 20 and all(counts[a] >= counts[b] for a, b in zip(ranked, ranked[1:]))
 
 
 def _tiny_target(tiny_llama):

@@ -27,11 +27,14 @@ def parse_args(argv):
                    help="humaneval, mtbench or a jsonl FILE with a \"prompt\" per line (several allowed)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each dataset")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--block-size", type=int, nargs="+", default=None,
-                   help="DFlash block sizes to run (default: the drafter's trained size)")
+    p.add_argument("--block-size", nargs="+", default=None,
+                   help="DFlash block sizes to run: numbers, or 'auto' for the per-round choice the runtime "
+                        "makes by default (default: auto and the drafter's trained size)")
     p.add_argument("--oracle-tau", type=float, nargs="*", default=[],
                    help="also run DFlash with oracle drafts at these mean acceptance lengths (1..block size)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers generate baseline")
+    p.add_argument("--no-optimum", action="store_true",
+                   help="skip the Optimum ORTModelForCausalLM baseline (run when optimum-onnx is installed)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--provider", default="cpu")
     p.add_argument("--json", default=None, help="write the full results here")
@@ -58,6 +61,20 @@ def load_dataset(name: str) -> list[str]:
     return prompts
 
 
+def parse_block(model, text: str) -> int | None:
+    """'auto' -> None (the runtime's per-round choice), else a block size the drafter supports."""
+    if text == "auto":
+        return None
+    try:
+        return model.check_block_size(int(text))
+    except ValueError:
+        raise UserError(f"--block-size takes numbers or 'auto', got {text!r}") from None
+
+
+def mode_name(block: int | None) -> str:
+    return f"dflash@{block or 'auto'}"
+
+
 def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
     """Cost of one verify of `block` tokens and of one draft, in single-token decode steps."""
     import numpy as np
@@ -66,8 +83,8 @@ def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
 
     filler = 1  # any token: the cost does not depend on which
     cache = model.new_target_cache()
-    _, taps, presents = model.run_target([filler] * context, 0, cache, last_only=True)
-    cache.update(presents, context)
+    _, taps, presents = model.run_target([filler] * context, cache, last_only=True)
+    cache.commit(presents, context)
     draft_cache = DraftCache()
     draft_cache.append(model.project_context(taps, 0))
 
@@ -79,12 +96,55 @@ def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
             times.append(time.perf_counter() - t)
         return 1000 * float(np.median(times))
 
-    step = median_ms(lambda: model.run_target([filler], context, cache, last_only=True))
-    verify = median_ms(lambda: model.run_target([filler] * block, context, cache, last_only=False))
+    step = median_ms(lambda: model.run_target([filler], cache, last_only=True))
+    verify = median_ms(lambda: model.run_target([filler] * block, cache, last_only=False))
     draft = median_ms(lambda: (model.project_context(taps[:2], context),
                                model.draft(filler, context, block, draft_cache)))
     return {"context": context, "block": block, "step_ms": step, "verify_ms": verify, "draft_ms": draft,
             "verify_ratio": verify / step, "draft_ratio": draft / step}
+
+
+def context_growth(model, contexts=(100, 2000), repeats=15) -> dict:
+    """Plain decode step time at each context length: what a long conversation costs per token."""
+    import numpy as np
+
+    ms = {}
+    for context in contexts:
+        if context + 1 > model.max_context:
+            continue
+        cache = model.new_target_cache()
+        _, _, presents = model.run_target([1] * context, cache, last_only=True)
+        cache.commit(presents, context)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model.run_target([1], cache, last_only=True)
+            times.append(time.perf_counter() - t)
+        ms[str(context)] = round(1000 * float(np.median(times)), 2)
+    growth = ms[str(contexts[-1])] / ms[str(contexts[0])] - 1 if len(ms) == len(contexts) else None
+    return {"step_ms": ms, "growth": growth}
+
+
+def load_baselines(args, model) -> list:
+    """transformers generate and Optimum's ORTModelForCausalLM on the export's source weights, when installed."""
+    if args.no_transformers and args.no_optimum:
+        return []
+    try:
+        from .baselines import TransformersBaseline
+        hf = TransformersBaseline(model.manifest["target"]["source"], args.threads, model.stop_token_ids)
+    except ImportError:
+        print("  baselines skipped: torch/transformers are not installed", file=sys.stderr)
+        return []
+    baselines = [] if args.no_transformers else [hf]
+    if not args.no_optimum:
+        try:
+            from .baselines import OptimumBaseline
+            baselines.append(OptimumBaseline(hf.model, hf.tokenizer, args.threads, model.stop_token_ids,
+                                             log=lambda m: print(m, file=sys.stderr)))
+        except ImportError:
+            print("  Optimum baseline skipped: optimum-onnx is not installed (pip install optimum-onnx)",
+                  file=sys.stderr)
+    return baselines
 
 
 def timed(fn) -> dict:
@@ -106,26 +166,21 @@ def main(argv=None) -> int:
     from ..runtime.api import DFlashModel
     from ..runtime.generate import generate
     from .oracle import OracleDrafts
-    from .report import machine_description, markdown, plot, summarize_mode
+    from .report import BASELINES, machine_description, markdown, plot, summarize_mode
 
     dflash = DFlashModel(args.model, args.provider, threads=args.threads)
     model = dflash.model
     if not model.has_drafter:
         raise UserError(f"{args.model} has no drafter; export it with one (dflash-export --drafter ...)")
-    blocks = [model.check_block_size(b) for b in (args.block_size or [None])]
+    blocks = [parse_block(model, b) for b in (args.block_size or ["auto", str(model.block_size)])]
+    trained = model.block_size
     for t in args.oracle_tau:
-        if not 1 <= t <= blocks[0]:
-            raise UserError(f"--oracle-tau {t} is outside 1..{blocks[0]} (the block size)")
+        if not 1 <= t <= trained:
+            raise UserError(f"--oracle-tau {t} is outside 1..{trained} (the drafter's block size)")
     if args.max_new_tokens >= model.max_context:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context ({model.max_context})")
     plain = DFlashModel(args.model, args.provider, threads=args.threads, use_drafter=False).model
-    baseline = None
-    if not args.no_transformers:
-        try:
-            from .baselines import TransformersBaseline
-            baseline = TransformersBaseline(model.manifest["target"]["source"], args.threads, model.stop_token_ids)
-        except ImportError:
-            print("  transformers baseline skipped: torch/transformers are not installed", file=sys.stderr)
+    baselines = load_baselines(args, model)
     vocab = int(model.target_info["vocab_size"])
 
     def run(m, ids, block, rewrite=None):
@@ -135,10 +190,16 @@ def main(argv=None) -> int:
     # Warm every path up so the first prompt does not pay session initialisation.
     warm = dflash.prompt_ids("Hello")
     run(plain, warm, 1)
-    run(model, warm, blocks[0])
-    calibration = calibrate(model, blocks[0])
-    print(f"  calibration: verify {blocks[0]} tokens = {calibration['verify_ratio']:.2f} steps, draft = "
+    for b in blocks:
+        run(model, warm, b)  # 'auto' measures its round costs here, once
+    calibration = calibrate(model, trained)
+    calibration["context_growth"] = context_growth(plain)
+    print(f"  calibration: verify {trained} tokens = {calibration['verify_ratio']:.2f} steps, draft = "
           f"{calibration['draft_ratio']:.2f} steps (one step {calibration['step_ms']:.1f} ms)", file=sys.stderr)
+    growth = calibration["context_growth"]
+    if growth["growth"] is not None:
+        print(f"  plain decode step: {growth['step_ms']['100']} ms at 100 tokens of context, "
+              f"{growth['step_ms']['2000']} ms at 2000 (+{growth['growth']:.0%})", file=sys.stderr)
 
     results, summary = {}, {}
     total = sum(len(p) for p in datasets.values())
@@ -153,16 +214,16 @@ def main(argv=None) -> int:
             runs = {"plain": timed(lambda: run(plain, ids, 1))}
             reference = runs["plain"]["tokens"]
             for b in blocks:
-                runs[f"dflash@{b}"] = timed(lambda: run(model, ids, b))
+                runs[mode_name(b)] = timed(lambda: run(model, ids, b))
             for tau in args.oracle_tau:
                 oracle = OracleDrafts(reference, tau, vocab, seed=n)
-                runs[f"oracle{tau:g}@{blocks[0]}"] = timed(lambda: run(model, ids, blocks[0], oracle))
-            if baseline is not None:
-                runs["transformers"] = timed(lambda: baseline.generate(ids, args.max_new_tokens))
+                runs[f"oracle{tau:g}@{trained}"] = timed(lambda: run(model, ids, trained, oracle))
+            for baseline in baselines:
+                runs[baseline.name] = timed(lambda: baseline.generate(ids, args.max_new_tokens))
             rows.append({"prompt_tokens": len(ids), "runs": runs})
             done += 1
             eta = (time.perf_counter() - t0) / done * (total - done)
-            taus = " ".join(f"tau@{b} {runs[f'dflash@{b}']['tau']:.2f}" for b in blocks)
+            taus = " ".join(f"tau@{b or 'auto'} {runs[mode_name(b)]['tau']:.2f}" for b in blocks)
             print(f"  [{done}/{total}] {name}: plain {runs['plain']['decode_tokens_per_s']:.1f} tok/s, {taus}, "
                   f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
         if not rows:
@@ -173,7 +234,7 @@ def main(argv=None) -> int:
     report = {"command": "dflash-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_description(), "model": str(args.model), "max_new_tokens": args.max_new_tokens,
               "threads": args.threads, "calibration": calibration,
-              "transformers": baseline.version if baseline else None, "summary": summary, "prompts": results}
+              **{b.name: b.version for b in baselines}, "summary": summary, "prompts": results}
     table = markdown(report)
     print(table)
     if args.markdown:
@@ -183,7 +244,7 @@ def main(argv=None) -> int:
     if args.plot and not plot(report, Path(args.plot)):
         print("  no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     mismatches = sum(s.get("mismatches", 0) for ds in summary.values() for m, s in ds["modes"].items()
-                     if m != "transformers")
+                     if m not in BASELINES)
     if mismatches:
         print(f"error: DFlash output differed from plain decoding in {mismatches} runs", file=sys.stderr)
         return 1

@@ -6,6 +6,8 @@ import platform
 import statistics
 from pathlib import Path
 
+BASELINES = ("transformers", "optimum")  # other tools: their output is not held to plain decoding's
+
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if a and b else None
@@ -29,11 +31,16 @@ def summarize_mode(rows: list[dict], mode: str) -> dict:
         ratios = [_ratio(run["decode_tokens_per_s"], r["runs"]["transformers"]["decode_tokens_per_s"])
                   for run, r in zip(runs, rows)]
         s["speedup_vs_transformers"] = statistics.median(x for x in ratios if x) if any(ratios) else None
-    if "rounds" in runs[0] and runs[0].get("block_size", 1) > 1:
+    if "rounds" in runs[0] and runs[0].get("block_size", 1) != 1:
         hist: dict[str, int] = {}
+        blocks: dict[str, int] = {}
         for run in runs:
             for k, v in run["acceptance_histogram"].items():
                 hist[k] = hist.get(k, 0) + v
+            for k, v in run.get("block_histogram", {}).items():
+                blocks[k] = blocks.get(k, 0) + v
+        if blocks:
+            s["block_histogram"] = dict(sorted(blocks.items(), key=lambda kv: int(kv[0])))
         s["tau_mean"] = statistics.mean(run["tau"] for run in runs)
         s["tau_pooled"] = sum(int(k) * v for k, v in hist.items()) / max(1, sum(hist.values()))
         s["acceptance_histogram"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
@@ -51,6 +58,11 @@ def markdown(report: dict) -> str:
         lines += [f"Cost of one round in single-token target steps (context {cal['context']}): verify "
                   f"{cal['block']} tokens {cal['verify_ratio']:.2f}, draft {cal['draft_ratio']:.2f}; the ceiling "
                   f"at acceptance tau is tau / {cal['verify_ratio'] + cal['draft_ratio']:.2f}.", ""]
+        growth = cal.get("context_growth", {})
+        if growth.get("growth") is not None:
+            steps = growth["step_ms"]
+            lines += [f"Plain decode step: {steps['100']} ms at 100 tokens of context, {steps['2000']} ms at "
+                      f"2000 (+{growth['growth']:.0%}).", ""]
     lines += ["| dataset | prompts | method | decode tok/s | end-to-end tok/s | TTFT ms | vs plain | "
               "vs transformers | tau | exact |", "|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -59,7 +71,7 @@ def markdown(report: dict) -> str:
 
     for name, ds in report["summary"].items():
         for mode, s in ds["modes"].items():
-            exact = "-" if "mismatches" not in s or mode == "transformers" else f"{ds['prompts'] - s['mismatches']}/{ds['prompts']}"
+            exact = "-" if "mismatches" not in s or mode in BASELINES else f"{ds['prompts'] - s['mismatches']}/{ds['prompts']}"
             vs_plain = fmt(s.get("speedup_vs_plain"), ".2f") + ("x" if s.get("speedup_vs_plain") else "")
             vs_hf = fmt(s.get("speedup_vs_transformers"), ".2f") + ("x" if s.get("speedup_vs_transformers") else "")
             lines.append(f"| {name} | {ds['prompts']} | {mode} | {s['decode_tok_s']:.1f} | {s['e2e_tok_s']:.1f} | "
@@ -79,7 +91,7 @@ def plot(report: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rows in report["prompts"].items():
         for mode in rows[0]["runs"]:
-            if mode in ("plain", "transformers"):
+            if mode == "plain" or mode in BASELINES:
                 continue
             xs = [r["runs"][mode]["tau"] for r in rows]
             ys = [_ratio(r["runs"][mode]["decode_tokens_per_s"], r["runs"]["plain"]["decode_tokens_per_s"]) or 0

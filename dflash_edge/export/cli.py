@@ -20,6 +20,9 @@ def parse_args(argv):
                    help="a z-lab format drafter folder, or 'auto' for the alias's z-lab drafter")
     p.add_argument("--no-drafter", action="store_true",
                    help="export the target alone, even when a drafter ships for it")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="score only the N most frequent tokens in the drafter's LM head (from its "
+                        "draft_vocab.json; default: all of that file; 0: the whole vocabulary)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -33,7 +36,8 @@ def main(argv=None) -> int:
         if args.no_drafter and args.drafter:
             raise UserError("--no-drafter and --drafter contradict each other; pass one")
         drafter = "" if args.no_drafter else args.drafter
-        out = export(args.model, args.output, args.dtype, args.layers, drafter, args.force)
+        out = export(args.model, args.output, args.dtype, args.layers, drafter, args.force,
+                     draft_vocab=args.draft_vocab)
     except ValidationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

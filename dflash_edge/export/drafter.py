@@ -294,6 +294,34 @@ def load_drafter(path: str | Path) -> DFlashDrafter:
     return model.eval()
 
 
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def read_draft_vocab(path: str | Path, vocab_size: int) -> list[int] | None:
+    """The drafter's ranked draft vocabulary (draft_vocab.json beside its config), or None without one.
+
+    It lists target token ids, most frequent label first, so any prefix is the top-N. The checkpoint
+    itself stays z-lab's (the head is the target's); the list only lets the exported graph score N rows
+    of the LM head instead of all of them, the way vLLM's draft_vocab_size + d2t does.
+    """
+    f = Path(path) / DRAFT_VOCAB_FILE
+    if not f.is_file():
+        return None
+    try:
+        ids = json.loads(f.read_text())["token_ids"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{f} is unreadable ({e}); a draft vocabulary is {{\"token_ids\": [ids...]}}") from None
+    if (not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids)
+            or len(set(ids)) != len(ids)):
+        raise UserError(f"{f}: token_ids must be distinct token ids in 0..{vocab_size - 1}")
+    return ids
+
+
+def write_draft_vocab(path: str | Path, ranked_ids: list[int], coverage: float) -> None:
+    (Path(path) / DRAFT_VOCAB_FILE).write_text(json.dumps(
+        {"token_ids": [int(i) for i in ranked_ids], "label_coverage": round(float(coverage), 5)}) + "\n")
+
+
 def save_drafter(model: DFlashDrafter, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
     """Write config.json + model.safetensors in z-lab's format (no embedding, no LM head)."""
     from safetensors.torch import save_file

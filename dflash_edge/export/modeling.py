@@ -101,6 +101,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return torch.matmul(probs, v)
 
 
+def attend_cached(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+    """Attention over [past ; new] that never copies the cache: no concat, no per-query-head expansion.
+
+    q: [b, h, s, d]; past_k, past_v: [b, kv, P, d] (read in place); k, v: [b, kv, s, d] for the new
+    positions; bias: additive [b, 1, s, P + s]. Query head j reads KV head j // groups (HF's
+    repeat_interleave), so the h query heads fold into kv groups of g * s rows each: the cache is read once
+    per KV head, and a concatenated cache would cost a full copy of it on every decode step.
+    """
+    b, h, s, d = q.shape
+    kv, past = k.shape[1], past_k.shape[2]
+    groups = h // kv
+    qg = q.reshape(b, kv, groups * s, d).float()
+    scores = torch.cat([torch.matmul(qg, past_k.float().transpose(-1, -2)),
+                        torch.matmul(qg, k.float().transpose(-1, -2))], dim=-1) * (d ** -0.5)
+    scores = scores.view(b, kv, groups, s, past + s) + bias[:, :, None]
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, kv, groups * s, past + s)
+    out = torch.matmul(probs[..., :past], past_v) + torch.matmul(probs[..., past:], v)
+    return out.view(b, h, s, d)
+
+
 def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[b, k, H] x [V, H] -> [b, k, V] fp32.
 
@@ -166,13 +187,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, x, cos, sin, past_k, past_v, bias):
-        """Causal step: returns the new hidden state and the full (past + new) keys and values."""
+        """Causal step: returns the new hidden state and the keys and values of the new positions only."""
         h = self.input_layernorm(x)
         q = self.self_attn.project_q(h, cos, sin)
         k, v = self.self_attn.project_kv(h, cos, sin)
-        k = torch.cat([past_k, k], dim=2)
-        v = torch.cat([past_v, v], dim=2)
-        x = x + self.self_attn.output(attend(q, k, v, bias))
+        x = x + self.self_attn.output(attend_cached(q, past_k, past_v, k, v, bias))
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
 
@@ -184,6 +203,10 @@ class TargetModel(nn.Module):
       -> logits [b,k,vocab] (fp32), aux_hidden_states [b,s,n_taps*hidden] (fp32), *present
     logits_index picks the positions whose logits are computed (the last one at prefill, all at verify),
     so a long prompt never materialises [prompt, vocab] logits.
+
+    The cache belongs to the caller: `past` is a buffer of `past` slots of which attention_mask marks the
+    filled ones (unfilled slots hold any finite value), and `present` is the K/V of the s new positions
+    only, for the caller to write into its buffer. Nothing in the graph copies the cache.
     """
 
     def __init__(self, spec: DecoderSpec, vocab_size: int, rotary: Rotary, tap_layer_ids: list[int],

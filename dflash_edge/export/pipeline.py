@@ -15,7 +15,7 @@ import torch
 from .. import __version__
 from ..errors import UserError
 from ..manifest import write_manifest
-from .drafter import DFlashDrafter, default_tap_layer_ids, load_drafter
+from .drafter import DRAFT_VOCAB_FILE, DFlashDrafter, default_tap_layer_ids, load_drafter, read_draft_vocab
 from .modeling import load_target_from_hf
 from .sources import load_hf, resolve_drafter, resolve_model
 
@@ -110,14 +110,21 @@ def derive_chat(tokenizer, family: str, log) -> dict | None:
 
 
 def export(model: str, output: str | None, dtype: str = "fp32", layers: str | None = None,
-           drafter: str | None = None, force: bool = False, log=print) -> Path:
+           drafter: str | None = None, force: bool = False, log=print, draft_vocab: int | None = None) -> Path:
+    """draft_vocab: rows of the LM head the drafter scores: None = its draft_vocab.json if it has one,
+    0 = the whole head, N = the N most frequent of its draft_vocab.json."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+    if draft_vocab is not None and draft_vocab < 0:
+        raise UserError(f"--draft-vocab must be 0 (the whole LM head) or a positive count, got {draft_vocab}")
     source = resolve_model(model)
     if drafter is None and source.shipped_drafter is not None:
         drafter = str(source.shipped_drafter)
         log(f"using the drafter shipped for {model} ({drafter}); --no-drafter exports the target alone")
-    drafter_model = load_drafter(resolve_drafter(drafter, source)) if drafter else None
+    drafter_path = resolve_drafter(drafter, source) if drafter else None
+    drafter_model = load_drafter(drafter_path) if drafter_path else None
+    if draft_vocab and not drafter_model:
+        raise UserError("--draft-vocab needs a drafter")
     tap_ids = parse_layers(layers)
     out = Path(output or Path("exports") / Path(model).stem).expanduser().resolve()
     if out.exists() and not force:
@@ -136,8 +143,10 @@ def export(model: str, output: str | None, dtype: str = "fp32", layers: str | No
     bad = [i for i in tap_ids if not 0 <= i < config.num_hidden_layers]
     if bad:
         raise UserError(f"--layers {bad} outside the target's {config.num_hidden_layers} layers (0-based)")
+    vocab_ids = None
     if drafter_model:
         check_fit(drafter_model, config, tap_ids)
+        vocab_ids = pick_draft_vocab(drafter_path, config.vocab_size, draft_vocab, log)
     chat = derive_chat(tokenizer, family, log)
     stops = stop_ids(hf_model, tokenizer, chat)
 
@@ -146,7 +155,7 @@ def export(model: str, output: str | None, dtype: str = "fp32", layers: str | No
     tmp.mkdir()
     try:
         manifest = _build(tmp, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model,
-                          chat, stops, steps, log)
+                          chat, stops, steps, log, vocab_ids)
         steps.finish()
         write_manifest(tmp, manifest)
         if out.exists():
@@ -161,8 +170,22 @@ def export(model: str, output: str | None, dtype: str = "fp32", layers: str | No
     return out
 
 
+def pick_draft_vocab(drafter_path: Path, vocab_size: int, wanted: int | None, log) -> list[int] | None:
+    ranked = read_draft_vocab(drafter_path, vocab_size)
+    if wanted == 0 or (wanted is None and ranked is None):
+        return None
+    if ranked is None:
+        raise UserError(f"--draft-vocab {wanted}: {drafter_path} has no {DRAFT_VOCAB_FILE} "
+                        f"(dflash-train --draft-vocab writes one); pass --draft-vocab 0 for the whole LM head")
+    if wanted is not None and wanted > len(ranked):
+        raise UserError(f"--draft-vocab {wanted} exceeds the {len(ranked)} tokens of {drafter_path / DRAFT_VOCAB_FILE}")
+    ids = ranked[:wanted] if wanted else ranked
+    log(f"      the drafter scores {len(ids)} of {vocab_size} tokens ({DRAFT_VOCAB_FILE}; --draft-vocab 0 for all)")
+    return ids
+
+
 def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model, chat, stops,
-           steps, log) -> dict:
+           steps, log, vocab_ids: list[int] | None = None) -> dict:
     from . import trace
     from .shared import share_weights
     from .validate import Report, check_module, validate_drafter, validate_target
@@ -184,7 +207,7 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
         drafter_model = drafter_model.to(DTYPES[dtype])
         embed, head = target.embed_tokens.weight, target.head_weight()
         io = trace.export_drafter(drafter_model, embed, head, target.tie_word_embeddings,
-                                  tmp / "drafter_context.onnx", tmp / "drafter_block.onnx")
+                                  tmp / "drafter_context.onnx", tmp / "drafter_block.onnx", vocab_ids)
         graphs.append("drafter_block.onnx")
         drafter_entry = {
             "block_size": c.block_size, "mask_token_id": c.mask_token_id,
@@ -192,6 +215,7 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
             "num_kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
             "context_graph": "drafter_context.onnx", "block_graph": "drafter_block.onnx",
             "io": io, "config": "drafter/config.json",
+            "draft_vocab_size": len(vocab_ids) if vocab_ids else config.vocab_size,
         }
         (tmp / "drafter").mkdir()
         import json
@@ -219,7 +243,7 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     validate_target(tmp, manifest, target, report)
     if drafter_model:
         embed, head = target.embed_tokens.weight, target.head_weight()
-        validate_drafter(tmp, manifest, drafter_model, embed, head, report)
+        validate_drafter(tmp, manifest, drafter_model, embed, head, report, vocab_ids=vocab_ids)
     for line in report.lines():
         log(line)
     if not report.ok:

@@ -79,25 +79,35 @@ class DrafterBlockGraph(torch.nn.Module):
     """input_ids [b,B], position_ids [b,B], *past_context -> draft_ids [b,B-1] (argmax in the graph).
 
     The embedding and LM head are parameters named as in the target graph (embed_tokens.weight,
-    lm_head.weight), so the runtime can hand both sessions one shared copy.
+    lm_head.weight), so the runtime can hand both sessions one shared copy. With draft_vocab (target ids),
+    the graph scores only those rows of the head (its own draft_head.weight) and maps the winner back
+    to a target id: reading the whole head is most of a small drafter's cost.
     """
 
-    def __init__(self, drafter, embed_weight: torch.Tensor, head_weight: torch.Tensor, tied: bool):
+    def __init__(self, drafter, embed_weight: torch.Tensor, head_weight: torch.Tensor, tied: bool,
+                 draft_vocab: list[int] | None = None):
         super().__init__()
         self.drafter = drafter
         self.embed_tokens = torch.nn.Embedding.from_pretrained(embed_weight.detach().clone(), freeze=True)
         self.tied = tied
-        if not tied:
+        self.reduced = draft_vocab is not None
+        if self.reduced:
+            ids = torch.tensor(draft_vocab, dtype=torch.long)
+            self.draft_head = torch.nn.Parameter(head_weight.detach()[ids].clone(), requires_grad=False)
+            self.register_buffer("draft_to_target", ids)
+        elif not tied:
             self.lm_head = torch.nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
             self.lm_head.weight = torch.nn.Parameter(head_weight.detach().clone(), requires_grad=False)
 
     def forward(self, input_ids, position_ids, *past_context):
         d = self.drafter
-        head = self.embed_tokens.weight if self.tied else self.lm_head.weight
         x = self.embed_tokens(input_ids)
         if d.config.input_embedding_scale != 1.0:
             x = x * d.config.input_embedding_scale
         hidden = d.block_hidden(x.to(d.fc.weight.dtype), position_ids, list(past_context))
+        if self.reduced:
+            return self.draft_to_target[d.logits(hidden[:, 1:], self.draft_head).argmax(-1)]
+        head = self.embed_tokens.weight if self.tied else self.lm_head.weight
         return d.logits(hidden[:, 1:], head).argmax(-1)
 
 
@@ -112,7 +122,8 @@ def drafter_io_names(num_layers: int) -> dict:
     }
 
 
-def export_drafter(drafter, embed_weight, head_weight, tied: bool, context_path: Path, block_path: Path) -> dict:
+def export_drafter(drafter, embed_weight, head_weight, tied: bool, context_path: Path, block_path: Path,
+                   draft_vocab: list[int] | None = None) -> dict:
     cfg = drafter.config
     names = drafter_io_names(cfg.num_hidden_layers)
     batch, n = torch.export.Dim("batch"), torch.export.Dim("ctx_new")
@@ -125,7 +136,7 @@ def export_drafter(drafter, embed_weight, head_weight, tied: bool, context_path:
     past = [torch.randn(1, cfg.num_key_value_heads, 7, cfg.head_dim, dtype=dtype)
             for _ in range(2 * cfg.num_hidden_layers)]
     ids = torch.tensor([[1] + [cfg.mask_token_id] * 3])
-    graph = DrafterBlockGraph(drafter, embed_weight.to(dtype), head_weight.to(dtype), tied)
+    graph = DrafterBlockGraph(drafter, embed_weight.to(dtype), head_weight.to(dtype), tied, draft_vocab)
     _export(graph, (ids, torch.arange(7, 11)[None], *past), block_path,
             names["block"]["inputs"], names["block"]["outputs"],
             [{0: batch, 1: block}, {0: batch, 1: block},

@@ -93,7 +93,8 @@ def check_module(target, hf_model, report: Report, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def validate_drafter(folder: Path, manifest: dict, drafter, embed, head, report: Report, seed: int = 0) -> None:
+def validate_drafter(folder: Path, manifest: dict, drafter, embed, head, report: Report, seed: int = 0,
+                     vocab_ids: list[int] | None = None) -> None:
     g = torch.Generator().manual_seed(seed)
     cfg = drafter.config
     d = manifest["drafter"]
@@ -113,7 +114,11 @@ def validate_drafter(folder: Path, manifest: dict, drafter, embed, head, report:
     bpos = torch.arange(7, 7 + block)[None]
     drafter.attach_target(embed, head)
     hidden = drafter.block_hidden(drafter.embed(ids), bpos, ref_ctx)
-    ref_ids = drafter.logits(hidden[:, 1:]).argmax(-1).numpy()
+    if vocab_ids is None:
+        ref_ids = drafter.logits(hidden[:, 1:]).argmax(-1).numpy()
+    else:
+        ids_t = torch.tensor(vocab_ids)
+        ref_ids = ids_t[drafter.logits(hidden[:, 1:], head[ids_t]).argmax(-1)].numpy()
     blk_sess = make_session(folder / d["block_graph"], ["CPUExecutionProvider"], shared, prepack=False)
     feeds = {"input_ids": ids.numpy(), "position_ids": bpos.numpy()}
     feeds.update(zip(d["io"]["block"]["inputs"][2:], [c.numpy() for c in ref_ctx]))

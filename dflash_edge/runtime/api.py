@@ -49,12 +49,14 @@ class DFlashModel:
     def generate(self, prompt: str | Messages, max_new_tokens: int = 256, block_size: int | None = None,
                  system: str | None = None, raw: bool = False,
                  on_text: Callable[[str], None] | None = None) -> Result:
-        """Greedy reply. block_size 1 decodes plainly; None uses the drafter's trained block size."""
+        """Greedy reply. block_size 1 decodes plainly, N drafts N - 1 tokens a round; None (the default)
+        picks the size each round, up to the drafter's trained size, from measured costs and acceptance."""
         ids = self.prompt_ids(prompt, system, raw)
         stream = StreamDecoder(self.model.tokenizer) if on_text else None
         on_tokens = (lambda new: on_text(stream.push(new))) if on_text else None
-        block = self.model.check_block_size(block_size)
-        out, stats = generate(self.model, ids, max_new_tokens, block, on_tokens=on_tokens)
+        if block_size is not None:
+            self.model.check_block_size(block_size)
+        out, stats = generate(self.model, ids, max_new_tokens, block_size, on_tokens=on_tokens)
         return Result(self.model.tokenizer.decode(out), out, stats)
 
 

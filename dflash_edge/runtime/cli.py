@@ -14,7 +14,8 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help="a folder written by dflash-export")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--block-size", type=int, default=None,
-                   help="tokens per draft/verify round (default: the drafter's trained size)")
+                   help="tokens per draft/verify round (default: chosen each round, up to the drafter's "
+                        "trained size, from measured costs and acceptance)")
     p.add_argument("--no-draft", action="store_true", help="plain decoding, even if the folder has a drafter")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
@@ -23,6 +24,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--compare", action="store_true",
                    help="then decode the same prompt plainly and report the speed-up and whether the outputs match")
+    p.add_argument("--profile", action="store_true",
+                   help="print where a round's time goes (draft, verify, host) and the block sizes used")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -57,7 +60,9 @@ def main(argv=None) -> int:
     if args.max_new_tokens >= model.model.max_context:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context "
                         f"({model.model.max_context})")
-    block = 1 if args.no_draft else model.model.check_block_size(args.block_size)
+    block = 1 if args.no_draft or not model.model.has_drafter else args.block_size
+    if block is not None:
+        model.model.check_block_size(block)
     if args.compare and block == 1:
         raise UserError("--compare needs DFlash: a folder exported with a drafter, without --no-draft or --block-size 1")
     printer = None if args.json else (lambda piece: print(piece, end="", flush=True))
@@ -74,9 +79,11 @@ def main(argv=None) -> int:
             out["plain"] = {"identical": plain.token_ids == result.token_ids, **plain.stats.as_dict()}
         print(json.dumps(out))
         return 1 if plain and plain.token_ids != result.token_ids else 0
-    spec = f", tau {stats.tau:.2f} at block {block}" if block > 1 else ""
+    spec = "" if block == 1 else f", tau {stats.tau:.2f} at block {block or 'auto'}"
     print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
           f"first token {stats.ttft_s * 1000:.0f} ms{spec}, {stats.finish_reason}]", file=sys.stderr)
+    if args.profile:
+        print(profile(stats), file=sys.stderr)
     if plain:
         speed = plain.stats.decode_tokens_per_s
         ratio = stats.decode_tokens_per_s / speed if speed else float("nan")
@@ -85,6 +92,18 @@ def main(argv=None) -> int:
         if plain.token_ids != result.token_ids:
             return 1
     return 0
+
+
+def profile(stats) -> str:
+    """Mean time per round in each part, and the block sizes the rounds used."""
+    rounds = max(1, stats.rounds)
+    host = max(0.0, stats.decode_s - stats.draft_s - stats.verify_s)
+    parts = ", ".join(f"{name} {1000 * t / rounds:.1f} ms ({t / stats.decode_s:.0%})"
+                      for name, t in (("draft", stats.draft_s), ("verify", stats.verify_s), ("host", host))
+                      ) if stats.decode_s else "no decode rounds"
+    blocks = stats.blocks or {stats.block_size: stats.rounds}
+    used = ", ".join(f"{b}: {n}" for b, n in sorted(blocks.items()))
+    return f"[profile: {stats.rounds} rounds; per round {parts}; rounds per block size {{{used}}}]"
 
 
 def entry() -> None:

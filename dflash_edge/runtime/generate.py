@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from .model import DraftCache, ExportedModel
+from .policy import BlockPolicy
 
 # A drafter hook for tests and benchmarks: (committed ids so far, block size) -> B-1 proposed ids.
 DraftFn = Callable[[list[int], int], list[int]]
@@ -33,6 +34,7 @@ class GenerationStats:
     rounds: int = 0
     block_size: int = 1
     acceptance: Counter = field(default_factory=Counter)  # tokens committed per round -> count
+    blocks: Counter = field(default_factory=Counter)      # block size chosen per round -> count (adaptive)
     ttft_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0
@@ -57,7 +59,8 @@ class GenerationStats:
             "ttft_s": round(self.ttft_s, 4),
             "decode_s": round(self.decode_s, 4),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
-            "block_size": self.block_size,
+            "block_size": self.block_size or "auto",
+            "block_histogram": {str(k): self.blocks[k] for k in sorted(self.blocks)},
             "rounds": self.rounds,
             "tau": round(self.tau, 3),
             "acceptance_histogram": {str(k): self.acceptance[k] for k in sorted(self.acceptance)},
@@ -80,37 +83,44 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
              block_size: int | None = None, on_tokens: Callable[[list[int]], None] | None = None,
              draft_fn: DraftFn | None = None,
              rewrite_drafts: RewriteFn | None = None) -> tuple[list[int], GenerationStats]:
-    """Greedy generation. block_size 1 is plain decoding; None uses the drafter's trained size."""
+    """Greedy generation. block_size 1 is plain decoding, N > 1 drafts N - 1 tokens every round, and
+    None picks the size each round (up to the drafter's trained size) from measured costs and acceptance."""
     check_request(model, prompt_ids, max_new_tokens)
+    policy = None
+    if block_size is None and draft_fn is None and model.has_drafter:
+        policy = BlockPolicy(model.round_costs())
     block_size = model.check_block_size(block_size) if draft_fn is None else block_size
     # Never run past the context: the last position written is prompt + new - 1.
     max_new_tokens = min(max_new_tokens, model.max_context - len(prompt_ids))
-    stats = GenerationStats(prompt_tokens=len(prompt_ids), block_size=block_size)
+    stats = GenerationStats(prompt_tokens=len(prompt_ids), block_size=0 if policy else block_size)
     emit = on_tokens or (lambda ids: None)
     stops = model.stop_token_ids
     use_drafter = block_size > 1 and draft_fn is None
 
     t0 = time.perf_counter()
     cache = model.new_target_cache()
-    logits, taps, presents = model.run_target(prompt_ids, 0, cache, last_only=True)
-    cache.update(presents, len(prompt_ids))
+    logits, taps, presents = model.run_target(prompt_ids, cache, last_only=True)
+    cache.commit(presents, len(prompt_ids))
     token = int(np.argmax(logits[-1]))
     out = [token]
     stats.ttft_s = time.perf_counter() - t0
     emit([token])
 
     draft_cache = DraftCache()
-    pending, pending_start = taps, 0  # features not yet projected into the draft cache
-    start = len(prompt_ids)           # position of `token`, which the target has not seen yet
+    pending = [taps]          # features of committed tokens not yet projected into the draft cache
+    start = len(prompt_ids)   # position of `token`, which the target has not seen yet
     finish = "stop" if token in stops else ""
     t_decode = time.perf_counter()
     while not finish and len(out) < max_new_tokens:
-        block = min(block_size, max_new_tokens - len(out) + 1)  # never draft past max_new_tokens
+        chosen = policy.choose() if policy else block_size
+        block = min(chosen, max_new_tokens - len(out) + 1)  # never draft past max_new_tokens
         drafts: list[int] = []
         if block > 1:
             t = time.perf_counter()
             if use_drafter:
-                draft_cache.append(model.project_context(pending, pending_start))
+                # Projection waits for a round that drafts: plain rounds skip the drafter entirely.
+                draft_cache.append(model.project_context(np.concatenate(pending), draft_cache.length))
+                pending = []
                 drafts = model.draft(token, start, block, draft_cache)
                 if rewrite_drafts is not None:
                     drafts = rewrite_drafts(out, drafts)
@@ -119,7 +129,7 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
             stats.draft_s += time.perf_counter() - t
 
         t = time.perf_counter()
-        logits, taps, presents = model.run_target([token] + drafts, start, cache, last_only=False)
+        logits, taps, presents = model.run_target([token] + drafts, cache, last_only=False)
         stats.verify_s += time.perf_counter() - t
         choice = np.argmax(logits, axis=-1)  # the target's token after each block position
         accepted = 0
@@ -127,9 +137,12 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
             accepted += 1
         new = drafts[:accepted] + [int(choice[accepted])]
         # The target cache keeps [token] + accepted drafts; the bonus token is fed next round.
-        cache.update(presents, start + accepted + 1)
-        pending, pending_start = taps[: accepted + 1], start
+        cache.commit(presents, accepted + 1)
+        pending.append(taps[: accepted + 1])
         start += accepted + 1
+        if policy:
+            policy.update(block, accepted)
+            stats.blocks[block] += 1
         token = new[-1]
 
         new = new[: max_new_tokens - len(out)]

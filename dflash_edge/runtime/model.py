@@ -12,21 +12,57 @@ from .tokenizer import Tokenizer
 
 
 class TargetCache:
-    """The target's KV cache as numpy arrays [1, kv, length, d]; rollback is a cut by length."""
+    """The target's KV cache: per layer one buffer [1, kv, capacity, d] that the graph reads in place.
+
+    The graph returns K/V for the new positions only; commit() writes the kept ones after the filled
+    slots, so a decode step copies a few rows instead of the whole cache, and rollback is a length. The
+    capacity grows in CHUNK-slot steps (the attention reads at most CHUNK - 1 empty slots, which the
+    attention mask hides).
+    """
+
+    CHUNK = 128
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype):
-        empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dtype)
-        self.arrays = [empty] * (2 * num_layers)
+        self.shape, self.dtype = (1, num_kv_heads, 0, head_dim), dtype
+        self.buffers = [np.zeros(self.shape, dtype=dtype) for _ in range(2 * num_layers)]
+        self.length = 0
 
     @property
-    def length(self) -> int:
-        return self.arrays[0].shape[2]
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
 
-    def feeds(self, names: list[str]) -> dict:
-        return dict(zip(names, self.arrays))
+    def reserve(self, n: int) -> None:
+        """Make room for n positions after the filled ones."""
+        need = self.length + n
+        if need <= self.capacity:
+            return
+        capacity = -(-need // self.CHUNK) * self.CHUNK
+        grown = []
+        for old in self.buffers:
+            # Zeros, not np.empty: masked slots must hold finite values, or 0 * NaN poisons the attention.
+            new = np.zeros(self.shape[:2] + (capacity,) + self.shape[3:], dtype=self.dtype)
+            new[:, :, :self.length] = old[:, :, :self.length]
+            grown.append(new)
+        self.buffers = grown
 
-    def update(self, presents: list[np.ndarray], keep: int) -> None:
-        self.arrays = [p if p.shape[2] == keep else p[:, :, :keep] for p in presents]
+    def feeds(self, names: list[str], n: int) -> dict:
+        """Graph inputs for n new positions: the buffers and the mask of filled slots (+ the new ones)."""
+        mask = np.zeros((1, self.capacity + n), dtype=np.int64)
+        mask[0, :self.length] = 1
+        mask[0, self.capacity:] = 1
+        return {"attention_mask": mask, **dict(zip(names, self.buffers))}
+
+    def commit(self, presents: list[np.ndarray], keep: int) -> None:
+        """Keep the first `keep` new positions the graph returned (the rest were rejected drafts)."""
+        self.reserve(keep)
+        end = self.length + keep
+        for buf, new in zip(self.buffers, presents):
+            buf[:, :, self.length:end] = new[:, :, :keep]
+        self.length = end
+
+    def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer i's filled keys and values, [1, kv, length, d] each (views)."""
+        return self.buffers[2 * i][:, :, :self.length], self.buffers[2 * i + 1][:, :, :self.length]
 
 
 class DraftCache:
@@ -57,10 +93,7 @@ class ExportedModel:
         self.target_info = m["target"]
         self.shared = SharedWeights(self.folder, m.get("shared_weights"))
         self.drafter_info = m.get("drafter") if load_drafter else None
-        # Spinning pools help one session alone; sessions taking turns starve each other with them.
-        spin = not self.drafter_info
-        self.target = make_session(self.folder / self.target_info["graph"], self.providers, self.shared, threads,
-                                   spin=spin)
+        self.target = make_session(self.folder / self.target_info["graph"], self.providers, self.shared, threads)
         self.target_inputs = self.target_info["inputs"]
         self.target_outputs = self.target_info["outputs"]
         self.past_names = [n for n in self.target_inputs if n.startswith("past_key_values.")]
@@ -70,13 +103,14 @@ class ExportedModel:
         self.max_context = int(self.target_info["max_context"])
         self.chat = m.get("chat")
         self.drafter_context = self.drafter_block = None
+        self._round_costs = None
         if self.drafter_info:
             d = self.drafter_info
             # The drafter is small: prepacking its weights buys little and would copy the shared LM head.
             self.drafter_context = make_session(self.folder / d["context_graph"], self.providers, self.shared,
-                                                threads, prepack=False, spin=spin)
+                                                threads, prepack=False, spin=False)
             self.drafter_block = make_session(self.folder / d["block_graph"], self.providers, self.shared,
-                                              threads, prepack=False, spin=spin)
+                                              threads, prepack=False, spin=False)
             self.context_out = d["io"]["context"]["outputs"]
             self.block_in = d["io"]["block"]["inputs"]
 
@@ -92,16 +126,16 @@ class ExportedModel:
         t = self.target_info
         return TargetCache(t["num_layers"], t["num_kv_heads"], t["head_dim"], self.kv_dtype)
 
-    def run_target(self, ids: list[int], start: int, cache: TargetCache, last_only: bool):
-        """Run ids at positions start.. over the cache. Returns (logits [k, V], taps [n, F], presents)."""
-        n = len(ids)
+    def run_target(self, ids: list[int], cache: TargetCache, last_only: bool):
+        """Run ids after the cache's filled positions. Returns (logits [k, V], taps [n, F], presents);
+        cache.commit(presents, keep) then keeps the first `keep` of them."""
+        n, start = len(ids), cache.length
         feeds = {
             "input_ids": np.asarray([ids], dtype=np.int64),
             "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
-            "attention_mask": np.ones((1, start + n), dtype=np.int64),
             "logits_index": np.asarray([n - 1] if last_only else np.arange(n), dtype=np.int64),
+            **cache.feeds(self.past_names, n),
         }
-        feeds.update(cache.feeds(self.past_names))
         outs = self.target.run(None, feeds)
         return outs[0][0], outs[1][0], outs[2:]
 
@@ -122,6 +156,13 @@ class ExportedModel:
         }
         feeds.update(zip(self.block_in[2:], cache.arrays))
         return self.drafter_block.run(None, feeds)[0][0].tolist()
+
+    def round_costs(self):
+        """Cost of a round per block size in plain decode steps; measured on first use, then kept."""
+        if self._round_costs is None:
+            from .policy import measure_costs
+            self._round_costs = measure_costs(self)
+        return self._round_costs
 
     def check_block_size(self, block_size: int | None) -> int:
         if not self.has_drafter:

@@ -93,10 +93,11 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise UserError("--device cuda: this torch sees no CUDA device")
     from ..export.sources import load_hf, resolve_model
-    from ..export.drafter import config_for_target, default_tap_layer_ids, random_drafter
+    from ..export.drafter import config_for_target, default_tap_layer_ids, random_drafter, write_draft_vocab
     from ..export.modeling import load_target_from_hf
     from ..export.pipeline import derive_chat, stop_ids
-    from .data import chat_prompts, load_sequences, read_prompts, regenerate, save_sequences, text_sequences
+    from .data import (chat_prompts, label_counts, load_sequences, read_prompts, regenerate, save_sequences,
+                       text_sequences)
     from .features import FeatureStore, compute_features
     from .objective import default_gamma
     from .trainer import TrainConfig, feature_scale, fold_feature_scale, train, write_checkpoint
@@ -146,14 +147,12 @@ def main(argv=None) -> int:
     embed = hf.get_input_embeddings().weight.to(args.device)
     head = hf.get_output_embeddings().weight.to(args.device)
     drafter.attach_target(embed, head)
-    vocab_subset = None
+    vocab_subset = ranked = None
     if args.draft_vocab:
-        counts = torch.zeros(hf.config.vocab_size, dtype=torch.long)
-        for s in seqs:
-            counts += torch.bincount(torch.tensor([t for t, m in zip(s.tokens, s.loss_mask) if m], dtype=torch.long),
-                                     minlength=hf.config.vocab_size)
-        vocab_subset = counts.topk(min(args.draft_vocab, hf.config.vocab_size)).indices.sort().values.to(args.device)
-        covered = counts[vocab_subset.cpu()].sum().item() / max(1, counts.sum().item())
+        counts = label_counts(seqs, hf.config.vocab_size)
+        ranked = counts.topk(min(args.draft_vocab, hf.config.vocab_size)).indices  # most frequent first
+        vocab_subset = ranked.sort().values.to(args.device)
+        covered = counts[ranked].sum().item() / max(1, counts.sum().item())
         print(f"      draft vocabulary: {vocab_subset.numel()} tokens cover {covered:.1%} of the labels")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, batch=args.batch, anchors=args.anchors,
                       gamma=args.gamma or default_gamma(args.block_size), seed=args.seed, device=args.device,
@@ -167,6 +166,9 @@ def main(argv=None) -> int:
     drafter = drafter.cpu().float()
     fold_feature_scale(drafter, scale)
     write_checkpoint(drafter, output)
+    if ranked is not None:
+        # The exporter can then score only these rows of the LM head (dflash-export --draft-vocab).
+        write_draft_vocab(output, ranked.tolist(), covered)
     report = {
         "target": source.describe(), "command": "dflash-train " + " ".join(argv or sys.argv[1:]),
         "sequences": len(seqs), "tokens": n_tokens, "supervised_tokens": n_supervised,

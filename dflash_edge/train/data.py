@@ -69,7 +69,8 @@ def greedy_batch(target, prompts: list[list[int]], max_new_tokens: int, stops: s
     done = torch.zeros(b, dtype=torch.bool, device=device)
     last = torch.tensor([width - 1], device=device)
     for _ in range(max_new_tokens):
-        logits, _, *past = target(ids, positions, mask, last, *past)
+        logits, _, *new = target(ids, positions, mask, last, *past)  # new: K/V of this step's positions
+        past = [torch.cat([p, n], dim=2) for p, n in zip(past, new)]
         logits = logits[:, -1]
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
@@ -174,3 +175,12 @@ def save_sequences(path: Path, seqs: list[Sequence]) -> None:
 def load_sequences(path: Path) -> list[Sequence]:
     with open(path) as f:
         return [Sequence(**json.loads(line)) for line in f if line.strip()]
+
+
+def label_counts(seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
+    """How often each token is a training label (a supervised reply token)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in seqs:
+        labels = [t for t, m in zip(s.tokens, s.loss_mask) if m]
+        counts += torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=vocab_size)
+    return counts

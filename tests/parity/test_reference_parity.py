@@ -263,7 +263,7 @@ def test_exported_target_matches_reference_target(exported, ref_target):
 
     prompt = PROMPTS[4]
     cache = exported.new_target_cache()
-    logits, taps, _ = exported.run_target(prompt, 0, cache, last_only=False)
+    logits, taps, _ = exported.run_target(prompt, cache, last_only=False)
     with torch.no_grad():
         out = ref_target(torch.tensor([prompt]), output_hidden_states=True)
     ref_taps = ref.extract_context_feature(out.hidden_states, TAPS)[0]

@@ -1,0 +1,97 @@
+"""Choosing the block size each round: draft only as far as it pays.
+
+A round with block b costs verify(b) + draft(b) and yields 1 + a_1 + a_1 a_2 + ... tokens, where a_j is
+the chance that draft j is accepted given that the ones before it were. Both sides are measured: the
+costs once per loaded model (a few timed passes at start-up), the a_j as the generation goes (decayed
+counts, so a switch from code to prose is followed). Each round takes the b with the most tokens per
+unit of cost; b = 1 is plain decoding, so a drafter that does not pay costs little more than nothing.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .model import DraftCache, ExportedModel
+
+MEASURED_BLOCKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> np.ndarray:
+    """Cost of a round with block b (verify b tokens + draft b - 1), in plain decode steps, for b = 0..B.
+
+    Measured at the sizes above and interpolated between them; a few hundred milliseconds at start-up.
+    """
+    top = model.block_size
+    cache = model.new_target_cache()
+    _, taps, presents = model.run_target([1] * context, cache, last_only=True)
+    cache.commit(presents, context)
+    draft_cache = DraftCache()
+    draft_cache.append(model.project_context(taps, 0))
+
+    def best_of(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)  # the least disturbed run: costs are compared, noise only blurs them
+
+    sizes = [b for b in MEASURED_BLOCKS if b < top] + [top]
+    seconds = {}
+    for b in sizes:
+        verify = best_of(lambda: model.run_target([1] * b, cache, last_only=False))
+        draft = best_of(lambda: model.draft(1, context, b, draft_cache)) if b > 1 else 0.0
+        seconds[b] = verify + draft
+    costs = np.interp(np.arange(top + 1), sizes, [seconds[b] / seconds[1] for b in sizes])
+    costs[0] = np.inf
+    return costs
+
+
+class BlockPolicy:
+    """Per-round block size from measured costs and running acceptance estimates."""
+
+    DECAY = 0.95       # every drafting round, older observations weigh this much less
+    FIRST_PRIOR = 0.5  # acceptance assumed for draft 1 before any data: a coin flip
+    PRIOR_WEIGHT = 1.0 # pseudo-observations behind each prior
+    PROBE_EVERY = 16   # while decoding plainly, draft one token every this many rounds to keep watching
+
+    def __init__(self, costs: np.ndarray):
+        self.costs = costs
+        drafts = len(costs) - 2  # the largest block drafts this many tokens
+        self.accepted = np.zeros(drafts)  # index j - 1 for draft position j
+        self.tested = np.zeros(drafts)
+        self.plain_rounds = 0
+
+    def rates(self) -> list[float]:
+        """Chance that draft j is accepted given drafts 1..j-1 were, j = 1..B-1.
+
+        A position with little data leans on the one before it: if drafts 1..7 always land, draft 8
+        probably does too, and trying a longer block is how to find out.
+        """
+        rates, prior = [], self.FIRST_PRIOR
+        for acc, tested in zip(self.accepted, self.tested):
+            prior = (acc + self.PRIOR_WEIGHT * prior) / (tested + self.PRIOR_WEIGHT)
+            rates.append(prior)
+        return rates
+
+    def choose(self) -> int:
+        expected = 1.0 + np.concatenate([[0.0], np.cumsum(np.cumprod(self.rates()))])  # tokens, b = 1..B
+        block = int(np.argmax(expected / self.costs[1:])) + 1
+        if block == 1:
+            self.plain_rounds += 1
+            if self.plain_rounds % self.PROBE_EVERY == 0:
+                return 2
+        return block
+
+    def update(self, block: int, accepted: int) -> None:
+        """After a round of `block` tokens of which `accepted` drafts were kept."""
+        if block == 1:
+            return  # nothing drafted, nothing learnt
+        # Every position forgets a little each drafting round, so one not reached lately drifts back to
+        # its prior instead of keeping the optimism of an easier stretch of text.
+        self.accepted *= self.DECAY
+        self.tested *= self.DECAY
+        seen = min(accepted + 1, block - 1)  # drafts 1..seen were checked; the first rejected one counts
+        self.tested[:seen] += 1
+        self.accepted[:accepted] += 1

@@ -1,0 +1,50 @@
+"""The per-round block choice: plain decoding when drafts fail, the whole block when they land."""
+import numpy as np
+
+from dflash_edge.runtime.policy import BlockPolicy
+
+# Round cost per block size in plain steps, shaped like the measured SmolLM2 curve (index = block size).
+COSTS = np.array([np.inf, 1.0, 1.3, 1.4, 1.5, 1.55, 1.6, 1.65, 1.7, 1.8, 1.9, 2.0, 2.05, 2.1, 2.2, 2.3, 2.4])
+
+
+def run(policy, accept, rounds=200):
+    """accept(block) -> drafts accepted that round. Returns the blocks chosen."""
+    chosen = []
+    for _ in range(rounds):
+        block = policy.choose()
+        policy.update(block, accept(block))
+        chosen.append(block)
+    return chosen
+
+
+def test_useless_drafts_fall_back_to_plain_decoding_and_keep_probing():
+    chosen = run(BlockPolicy(COSTS), lambda block: 0)
+    tail = chosen[50:]
+    assert tail.count(1) / len(tail) > 0.9
+    # It keeps trying one draft now and then, so a drafter that starts to land is noticed.
+    assert 2 in tail and max(tail) == 2
+
+
+def test_drafts_that_always_land_use_the_whole_block():
+    chosen = run(BlockPolicy(COSTS), lambda block: block - 1)
+    assert chosen[-50:] == [16] * 50
+
+
+def test_moderate_acceptance_picks_a_middle_block():
+    rng = np.random.default_rng(0)
+
+    def accept(block):  # each draft lands with probability 0.6 given the previous one did
+        n = 0
+        while n < block - 1 and rng.random() < 0.6:
+            n += 1
+        return n
+    chosen = run(BlockPolicy(COSTS), accept, rounds=400)
+    typical = max(set(chosen[100:]), key=chosen[100:].count)
+    assert 2 <= typical <= 8
+
+
+def test_it_follows_a_change_in_acceptance():
+    policy = BlockPolicy(COSTS)
+    run(policy, lambda block: block - 1, rounds=100)
+    chosen = run(policy, lambda block: 0, rounds=150)
+    assert chosen[-20:].count(1) >= 15
