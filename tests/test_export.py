@@ -174,3 +174,35 @@ def test_reduced_draft_vocabulary_scores_only_its_tokens_and_stays_lossless(tiny
     assert set(model.draft(5, len(ids), 16, cache)) <= set(keep[:16])
     plain = generate(model, ids, 40, block_size=1)[0]
     assert generate(model, ids, 40, block_size=8)[0] == plain
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_target_is_lossless_against_its_own_plain_decoding(tmp_path, tiny_llama, kind):
+    out = _export_variant(tmp_path, tiny_llama, quantize=kind)
+    manifest = json.loads((out / "dflash_edge.json").read_text())
+    assert manifest["target"]["quantization"] == kind
+    ops = {n.op_type for n in onnx.load(str(out / "target.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    assert manifest["export"]["validation"]["target (fp32):logits"]["ok"]  # the trace, before quantizing
+    model = ExportedModel(out)
+    model.stop_token_ids = set()
+    ids = model.tokenizer.encode("the cat sat on the mat")
+    plain, _ = generate(model, ids, 30, block_size=1)
+    for block in (4, 16, None):
+        assert generate(model, ids, 30, block_size=block)[0] == plain
+
+
+def test_quantized_export_keeps_external_data_and_refuses_bad_options(tmp_path, tiny_llama, monkeypatch):
+    from dflash_edge.errors import UserError
+    from dflash_edge.export import trace
+
+    with pytest.raises(UserError, match="--quantize must be one of"):
+        _export_variant(tmp_path, tiny_llama, quantize="int3")
+    with pytest.raises(UserError, match="fp32"):
+        _export_variant(tmp_path, tiny_llama, quantize="int4", dtype="fp16")
+    monkeypatch.setattr(trace, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = _export_variant(tmp_path, tiny_llama, quantize="int4")
+    assert (out / "target.onnx.data").is_file()
+    model = ExportedModel(out)
+    ids = model.tokenizer.encode("hello world")
+    assert generate(model, ids, 20, block_size=4)[0] == generate(model, ids, 20, block_size=1)[0]

@@ -23,6 +23,8 @@ def parse_args(argv):
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="score only the N most frequent tokens in the drafter's LM head (from its "
                         "draft_vocab.json; default: all of that file; 0: the whole vocabulary)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the target's weights with ONNX Runtime's tools (int4: MatMulNBits)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
             raise UserError("--no-drafter and --drafter contradict each other; pass one")
         drafter = "" if args.no_drafter else args.drafter
         out = export(args.model, args.output, args.dtype, args.layers, drafter, args.force,
-                     draft_vocab=args.draft_vocab)
+                     draft_vocab=args.draft_vocab, quantize=args.quantize)
     except ValidationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

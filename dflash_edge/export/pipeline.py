@@ -17,10 +17,15 @@ from ..errors import UserError
 from ..manifest import write_manifest
 from .drafter import DRAFT_VOCAB_FILE, DFlashDrafter, default_tap_layer_ids, load_drafter, read_draft_vocab
 from .modeling import load_target_from_hf
+from .quantize import QUANTIZE
 from .sources import load_hf, resolve_drafter, resolve_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# A quantized graph against the fp32 module, relative to the largest output. Only a sanity bound (NaN,
+# garbage): the trace is checked at fp32 before quantizing, and rounding error depends on the weights
+# (random tiny models: int8 13%, int4 66%; SmolLM2: see BENCHMARKS.md).
+QUANT_TOLERANCE = {"int8": 1.0, "int4": 1.0}
 
 
 class ValidationFailed(Exception):
@@ -110,11 +115,17 @@ def derive_chat(tokenizer, family: str, log) -> dict | None:
 
 
 def export(model: str, output: str | None, dtype: str = "fp32", layers: str | None = None,
-           drafter: str | None = None, force: bool = False, log=print, draft_vocab: int | None = None) -> Path:
+           drafter: str | None = None, force: bool = False, log=print, draft_vocab: int | None = None,
+           quantize: str | None = None) -> Path:
     """draft_vocab: rows of the LM head the drafter scores: None = its draft_vocab.json if it has one,
-    0 = the whole head, N = the N most frequent of its draft_vocab.json."""
+    0 = the whole head, N = the N most frequent of its draft_vocab.json. quantize: int8 or int4 weights
+    in the target graph (export/quantize.py)."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if quantize and dtype != "fp32":
+        raise UserError("--quantize starts from fp32 weights; drop --dtype fp16")
     if draft_vocab is not None and draft_vocab < 0:
         raise UserError(f"--draft-vocab must be 0 (the whole LM head) or a positive count, got {draft_vocab}")
     source = resolve_model(model)
@@ -155,7 +166,7 @@ def export(model: str, output: str | None, dtype: str = "fp32", layers: str | No
     tmp.mkdir()
     try:
         manifest = _build(tmp, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model,
-                          chat, stops, steps, log, vocab_ids)
+                          chat, stops, steps, log, vocab_ids, quantize)
         steps.finish()
         write_manifest(tmp, manifest)
         if out.exists():
@@ -185,7 +196,7 @@ def pick_draft_vocab(drafter_path: Path, vocab_size: int, wanted: int | None, lo
 
 
 def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model, chat, stops,
-           steps, log, vocab_ids: list[int] | None = None) -> dict:
+           steps, log, vocab_ids: list[int] | None = None, quantize: str | None = None) -> dict:
     from . import trace
     from .shared import share_weights
     from .validate import Report, check_module, validate_drafter, validate_target
@@ -198,6 +209,13 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
 
     steps(f"tracing target.onnx ({config.num_hidden_layers} layers, {dtype}, taps {tap_ids})")
     target_io = trace.export_target(target, tmp / "target.onnx")
+    if quantize:
+        # Check the trace itself at full precision first; the quantized graph is then held to its own bound.
+        validate_target(tmp, {"target": {"graph": "target.onnx", **target_io}}, target, report,
+                        label="target (fp32)")
+        from .quantize import quantize_target
+        n = quantize_target(tmp / "target.onnx", quantize)
+        log(f"      quantized {n} weight MatMuls to {quantize} (embedding, LM head and attention stay fp32)")
     graphs = ["target.onnx"]
     shared_names = ["embed_tokens.weight"] + ([] if target.tie_word_embeddings else ["lm_head.weight"])
     drafter_entry = None
@@ -230,7 +248,7 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
             "dtype": dtype, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
             "num_layers": config.num_hidden_layers, "num_kv_heads": target.spec.num_kv_heads,
             "head_dim": target.spec.head_dim, "max_context": int(config.max_position_embeddings),
-            "tap_layer_ids": tap_ids, "graph": "target.onnx", **target_io,
+            "tap_layer_ids": tap_ids, "graph": "target.onnx", "quantization": quantize, **target_io,
         },
         "shared_weights": shared,
         "drafter": drafter_entry,
@@ -240,7 +258,11 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     }
 
     steps("validating the graphs against PyTorch (random inputs)")
-    validate_target(tmp, manifest, target, report)
+    if quantize:
+        validate_target(tmp, manifest, target, report, label=f"target ({quantize})",
+                        tolerance=QUANT_TOLERANCE[quantize])
+    else:
+        validate_target(tmp, manifest, target, report)
     if drafter_model:
         embed, head = target.embed_tokens.weight, target.head_weight()
         validate_drafter(tmp, manifest, drafter_model, embed, head, report, vocab_ids=vocab_ids)
