@@ -48,3 +48,11 @@ def test_it_follows_a_change_in_acceptance():
     run(policy, lambda block: block - 1, rounds=100)
     chosen = run(policy, lambda block: 0, rounds=150)
     assert chosen[-20:].count(1) >= 15
+
+
+def test_probes_stay_cheap_where_a_two_token_verify_is_expensive():
+    costly = COSTS.copy()
+    costly[2:] += 1.0  # verifying 2 tokens costs 2.3 steps (as int4 on the 2-core CPU)
+    chosen = run(BlockPolicy(costly), lambda block: 0, rounds=400)
+    extra = sum(costly[b] - 1.0 for b in chosen[50:]) / len(chosen[50:])
+    assert 2 in chosen[50:] and extra < 0.03

@@ -26,7 +26,8 @@ class Report:
 
     def error(self, graph: str, name: str, err: float, tolerance: float | None = None) -> None:
         tolerance = tolerance or self.tolerance
-        line = f"worst relative error {err:.2e} (tolerance {tolerance:.0e})"
+        bound = f"tolerance {tolerance:.0e}" if tolerance < float("inf") else "reported only; must be finite"
+        line = f"worst relative error {err:.2e} ({bound})"
         self.rows.append((graph, name, err, err <= tolerance, line))
 
     def exact(self, graph: str, name: str, equal_fraction: float, needed: float = 1.0) -> None:

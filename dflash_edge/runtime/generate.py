@@ -107,7 +107,7 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
     emit([token])
 
     draft_cache = DraftCache()
-    pending = [taps]          # features of committed tokens not yet projected into the draft cache
+    pending = [taps] if use_drafter else []  # features of committed tokens not yet in the draft cache
     start = len(prompt_ids)   # position of `token`, which the target has not seen yet
     finish = "stop" if token in stops else ""
     t_decode = time.perf_counter()
@@ -138,7 +138,8 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
         new = drafts[:accepted] + [int(choice[accepted])]
         # The target cache keeps [token] + accepted drafts; the bonus token is fed next round.
         cache.commit(presents, accepted + 1)
-        pending.append(taps[: accepted + 1])
+        if use_drafter:
+            pending.append(taps[: accepted + 1])
         start += accepted + 1
         if policy:
             policy.update(block, accepted)

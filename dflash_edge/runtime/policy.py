@@ -54,7 +54,8 @@ class BlockPolicy:
     DECAY = 0.95       # every drafting round, older observations weigh this much less
     FIRST_PRIOR = 0.5  # acceptance assumed for draft 1 before any data: a coin flip
     PRIOR_WEIGHT = 1.0 # pseudo-observations behind each prior
-    PROBE_EVERY = 16   # while decoding plainly, draft one token every this many rounds to keep watching
+    PROBE_EVERY = 16   # while decoding plainly, draft one token at most every this many rounds to keep watching,
+    PROBE_BUDGET = 0.02  # and no more often than keeps the probes' extra cost under this share of the time
 
     def __init__(self, costs: np.ndarray):
         self.costs = costs
@@ -62,6 +63,9 @@ class BlockPolicy:
         self.accepted = np.zeros(drafts)  # index j - 1 for draft position j
         self.tested = np.zeros(drafts)
         self.plain_rounds = 0
+        # A probe is a block-2 round instead of a plain one. Where verifying two tokens costs nearly two
+        # steps (int4 MatMulNBits on this CPU) probing every 16 rounds alone would cost 7 %.
+        self.probe_every = max(self.PROBE_EVERY, int(np.ceil((costs[2] - 1.0) / self.PROBE_BUDGET)))
 
     def rates(self) -> list[float]:
         """Chance that draft j is accepted given drafts 1..j-1 were, j = 1..B-1.
@@ -80,7 +84,7 @@ class BlockPolicy:
         block = int(np.argmax(expected / self.costs[1:])) + 1
         if block == 1:
             self.plain_rounds += 1
-            if self.plain_rounds % self.PROBE_EVERY == 0:
+            if self.plain_rounds % self.probe_every == 0:
                 return 2
         return block
 
