@@ -75,52 +75,39 @@ def mode_name(block: int | None) -> str:
     return f"dflash@{block or 'auto'}"
 
 
-def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
-    """Cost of one verify of `block` tokens and of one draft, in single-token decode steps."""
+def median_ms(fn, repeats: int) -> float:
     import numpy as np
 
-    from ..runtime.model import DraftCache
+    from ..runtime.policy import run_times
+    return 1000 * float(np.median(run_times(fn, repeats)))
 
-    filler = 1  # any token: the cost does not depend on which
-    cache = model.new_target_cache()
-    _, taps, presents = model.run_target([filler] * context, cache, last_only=True)
-    cache.commit(presents, context)
+
+def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
+    """Cost of one verify of `block` tokens and of one draft, in single-token decode steps."""
+    from ..runtime.model import DraftCache
+    from ..runtime.policy import filled_cache
+
+    cache, taps = filled_cache(model, context)
     draft_cache = DraftCache()
     draft_cache.append(model.project_context(taps, 0))
-
-    def median_ms(fn):
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return 1000 * float(np.median(times))
-
-    step = median_ms(lambda: model.run_target([filler], cache, last_only=True))
-    verify = median_ms(lambda: model.run_target([filler] * block, cache, last_only=False))
-    draft = median_ms(lambda: (model.project_context(taps[:2], context),
-                               model.draft(filler, context, block, draft_cache)))
+    step = median_ms(lambda: model.run_target([1], cache, last_only=True), repeats)
+    verify = median_ms(lambda: model.run_target([1] * block, cache, last_only=False), repeats)
+    draft = median_ms(lambda: (model.project_context(taps[:2], context), model.draft(1, context, block, draft_cache)),
+                      repeats)
     return {"context": context, "block": block, "step_ms": step, "verify_ms": verify, "draft_ms": draft,
             "verify_ratio": verify / step, "draft_ratio": draft / step}
 
 
 def context_growth(model, contexts=(100, 2000), repeats=15) -> dict:
     """Plain decode step time at each context length: what a long conversation costs per token."""
-    import numpy as np
+    from ..runtime.policy import filled_cache
 
     ms = {}
     for context in contexts:
         if context + 1 > model.max_context:
             continue
-        cache = model.new_target_cache()
-        _, _, presents = model.run_target([1] * context, cache, last_only=True)
-        cache.commit(presents, context)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.run_target([1], cache, last_only=True)
-            times.append(time.perf_counter() - t)
-        ms[str(context)] = round(1000 * float(np.median(times)), 2)
+        cache, _ = filled_cache(model, context)
+        ms[str(context)] = round(median_ms(lambda: model.run_target([1], cache, last_only=True), repeats), 2)
     growth = ms[str(contexts[-1])] / ms[str(contexts[0])] - 1 if len(ms) == len(contexts) else None
     return {"step_ms": ms, "growth": growth}
 

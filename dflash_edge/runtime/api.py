@@ -54,8 +54,6 @@ class DFlashModel:
         ids = self.prompt_ids(prompt, system, raw)
         stream = StreamDecoder(self.model.tokenizer) if on_text else None
         on_tokens = (lambda new: on_text(stream.push(new))) if on_text else None
-        if block_size is not None:
-            self.model.check_block_size(block_size)
         out, stats = generate(self.model, ids, max_new_tokens, block_size, on_tokens=on_tokens)
         return Result(self.model.tokenizer.decode(out), out, stats)
 

@@ -60,10 +60,11 @@ def main(argv=None) -> int:
     if args.max_new_tokens >= model.model.max_context:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context "
                         f"({model.model.max_context})")
-    block = 1 if args.no_draft or not model.model.has_drafter else args.block_size
+    block = 1 if args.no_draft else args.block_size
     if block is not None:
         model.model.check_block_size(block)
-    if args.compare and block == 1:
+    drafting = model.model.has_drafter and block != 1
+    if args.compare and not drafting:
         raise UserError("--compare needs DFlash: a folder exported with a drafter, without --no-draft or --block-size 1")
     printer = None if args.json else (lambda piece: print(piece, end="", flush=True))
     result = model.generate(text, args.max_new_tokens, block, system=args.system, raw=args.raw, on_text=printer)
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
             out["plain"] = {"identical": plain.token_ids == result.token_ids, **plain.stats.as_dict()}
         print(json.dumps(out))
         return 1 if plain and plain.token_ids != result.token_ids else 0
-    spec = "" if block == 1 else f", tau {stats.tau:.2f} at block {block or 'auto'}"
+    spec = f", tau {stats.tau:.2f} at block {block or 'auto'}" if drafting else ""
     print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
           f"first token {stats.ttft_s * 1000:.0f} ms{spec}, {stats.finish_reason}]", file=sys.stderr)
     if args.profile:

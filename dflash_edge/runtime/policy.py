@@ -17,25 +17,36 @@ from .model import DraftCache, ExportedModel
 MEASURED_BLOCKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
+def filled_cache(model: ExportedModel, context: int):
+    """A target cache holding `context` filler tokens (which ones does not change a cost), and their taps."""
+    cache = model.new_target_cache()
+    _, taps, presents = model.run_target([1] * context, cache, last_only=True)
+    cache.commit(presents, context)
+    return cache, taps
+
+
+def run_times(fn, repeats: int) -> list[float]:
+    """Seconds each of `repeats` calls of fn took."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> np.ndarray:
     """Cost of a round with block b (verify b tokens + draft b - 1), in plain decode steps, for b = 0..B.
 
     Measured at the sizes above and interpolated between them; a few hundred milliseconds at start-up.
     """
     top = model.block_size
-    cache = model.new_target_cache()
-    _, taps, presents = model.run_target([1] * context, cache, last_only=True)
-    cache.commit(presents, context)
+    cache, taps = filled_cache(model, context)
     draft_cache = DraftCache()
     draft_cache.append(model.project_context(taps, 0))
 
     def best_of(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)  # the least disturbed run: costs are compared, noise only blurs them
+        return min(run_times(fn, repeats))  # the least disturbed run: costs are compared, noise only blurs them
 
     sizes = [b for b in MEASURED_BLOCKS if b < top] + [top]
     seconds = {}
