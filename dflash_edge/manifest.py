@@ -12,7 +12,10 @@ from .errors import UserError
 MANIFEST_NAME = "dflash_edge.json"
 FORMAT_NAME = "dflash-edge"
 # 2: present.* holds the new positions only; the runtime owns the cache buffer (1: past + new).
-FORMAT_VERSION = 2
+# 3: value caches are stored transposed, [1, kv, d, slots], so attention streams the cache once.
+FORMAT_VERSION = 3
+OLDER_FORMATS = {1: "whose graphs copy the whole KV cache every step",
+                 2: "whose attention reads the KV cache more than once per step"}
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -38,9 +41,9 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise UserError(f"{path} is not a dflash-edge manifest")
     version = manifest.get("format_version")
-    if version == 1:
-        raise UserError(f"{path} was written by an older dflash-edge (format 1, whose graphs copy the whole "
-                        f"KV cache every step); export the model again")
+    if version in OLDER_FORMATS:
+        raise UserError(f"{path} was written by an older dflash-edge (format {version}, "
+                        f"{OLDER_FORMATS[version]}); export the model again")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{path} has format version {version}, this dflash-edge reads up to "
                         f"{FORMAT_VERSION}; upgrade dflash-edge or export again with this version")

@@ -12,7 +12,7 @@ mkdir -p "$OUT" exports
 
 export_once() {  # folder, extra dflash-export arguments...
     local dir=$1; shift
-    [ -f "$dir/dflash_edge.json" ] && grep -q '"format_version": 2' "$dir/dflash_edge.json" && return
+    [ -f "$dir/dflash_edge.json" ] && grep -q '"format_version": 3' "$dir/dflash_edge.json" && return
     "$BIN/dflash-export" --model smollm2-135m --output "$dir" --force "$@"
 }
 bench_once() {  # name, dflash-bench arguments...

@@ -65,7 +65,7 @@ def broken(tiny_llama, tmp_path_factory):
     m["format_version"] = 99
     (newer / "dflash_edge.json").write_text(json.dumps(m))
     older = shutil.copytree(src, root / "older")
-    m["format_version"] = 1
+    m["format_version"] = 2
     (older / "dflash_edge.json").write_text(json.dumps(m))
     truncated = shutil.copytree(src, root / "truncated")
     data = (truncated / "target.onnx").read_bytes()

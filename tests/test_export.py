@@ -13,7 +13,7 @@ from dflash_edge.runtime.model import ExportedModel
 def test_manifest_describes_the_folder(tiny):
     _, _, out = tiny
     m = json.loads((out / "dflash_edge.json").read_text())
-    assert m["format_version"] == 2
+    assert m["format_version"] == 3
     assert m["target"]["graph"] == "target.onnx"
     assert all(v["ok"] for v in m["export"]["validation"].values())
     assert m["stop_token_ids"] == [2]
@@ -31,6 +31,11 @@ def test_graph_io_follows_the_llm_convention(tiny):
     outputs = [o.name for o in graph.output]
     assert inputs[:3] == ["input_ids", "position_ids", "attention_mask"]
     assert "past_key_values.0.key" in inputs and "past_key_values.5.value" in inputs
+    # Keys [b, kv, slots, d]; values stored transposed, [b, kv, d, slots], so attention streams the cache.
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    key, value = dims["past_key_values.0.key"], dims["past_key_values.0.value"]
+    assert isinstance(key[2], str) and isinstance(key[3], int)
+    assert isinstance(value[2], int) and isinstance(value[3], str) and value[2] == key[3]
     assert outputs[:2] == ["logits", "aux_hidden_states"]
     assert "present.0.key" in outputs and "present.5.value" in outputs
 

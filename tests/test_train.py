@@ -204,15 +204,12 @@ def test_bf16_target_keeps_fp32_rotary_frequencies(tiny_llama):
     from dflash_edge.train.cli import to_bf16
 
     target = _tiny_target(tiny_llama)
-    spec = target.spec
     ids = torch.tensor([[5, 9, 13, 22, 7, 8, 30, 31]])
     pos = torch.arange(900, 908)[None]  # far positions, where bf16 rotary angles would be off by radians
 
     def taps():
-        dtype = target.embed_tokens.weight.dtype
-        past = [torch.zeros(1, spec.num_kv_heads, 0, spec.head_dim, dtype=dtype)] * (2 * spec.num_layers)
         with torch.no_grad():
-            return target(ids, pos, torch.ones_like(ids), torch.tensor([7]), *past)[1].float()
+            return target(ids, pos, torch.ones_like(ids), torch.tensor([7]), *target.empty_cache(1))[1].float()
 
     reference = taps()
     to_bf16(target)

@@ -101,25 +101,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return torch.matmul(probs, v)
 
 
-def attend_cached(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def attend_cached(q: torch.Tensor, past_k: torch.Tensor, past_vt: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   bias: torch.Tensor) -> torch.Tensor:
-    """Attention over [past ; new] that never copies the cache: no concat, no per-query-head expansion.
+    """Attention over [past ; new] that reads the cache once, in place: no concat, no per-head expansion.
 
-    q: [b, h, s, d]; past_k, past_v: [b, kv, P, d] (read in place); k, v: [b, kv, s, d] for the new
-    positions; bias: additive [b, 1, s, P + s]. Query head j reads KV head j // groups (HF's
-    repeat_interleave), so the h query heads fold into kv groups of g * s rows each: the cache is read once
-    per KV head, and a concatenated cache would cost a full copy of it on every decode step.
+    q: [b, h, s, d]; past_k: [b, kv, P, d]; past_vt: [b, kv, d, P] (values stored transposed); k, v:
+    [b, kv, s, d] for the new positions; bias: additive [b, 1, s, P + s]. Query head j reads KV head
+    j // groups (HF's repeat_interleave), so the h query heads fold into kv groups of g * s rows each.
+    Both cache products put the cache on the left (K q^T, V^T p^T): a GEMM streams its left operand as
+    stored but repacks its right one on every call, which for the cache would mean reading and writing
+    all of it each decode step. Only the few query rows are repacked.
     """
     b, h, s, d = q.shape
     kv, past = k.shape[1], past_k.shape[2]
     groups = h // kv
     qg = q.reshape(b, kv, groups * s, d).float()
-    scores = torch.cat([torch.matmul(qg, past_k.float().transpose(-1, -2)),
-                        torch.matmul(qg, k.float().transpose(-1, -2))], dim=-1) * (d ** -0.5)
+    past_scores = torch.matmul(past_k.float(), qg.transpose(-1, -2)).transpose(-1, -2)
+    scores = torch.cat([past_scores, torch.matmul(qg, k.float().transpose(-1, -2))], dim=-1) * (d ** -0.5)
     scores = scores.view(b, kv, groups, s, past + s) + bias[:, :, None]
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, kv, groups * s, past + s)
-    out = torch.matmul(probs[..., :past], past_v) + torch.matmul(probs[..., past:], v)
-    return out.view(b, h, s, d)
+    past_out = torch.matmul(past_vt, probs[..., :past].transpose(-1, -2)).transpose(-1, -2)
+    out = past_out + torch.matmul(probs[..., past:], v)
+    return out.reshape(b, h, s, d)
 
 
 def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -186,14 +189,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, past_k, past_v, bias):
-        """Causal step: returns the new hidden state and the keys and values of the new positions only."""
+    def forward(self, x, cos, sin, past_k, past_vt, bias):
+        """Causal step: the new hidden state and the new positions' keys [b,kv,s,d] and values [b,kv,d,s]."""
         h = self.input_layernorm(x)
         q = self.self_attn.project_q(h, cos, sin)
         k, v = self.self_attn.project_kv(h, cos, sin)
-        x = x + self.self_attn.output(attend_cached(q, past_k, past_v, k, v, bias))
+        x = x + self.self_attn.output(attend_cached(q, past_k, past_vt, k, v, bias))
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k, v
+        return x, k, v.transpose(-1, -2)
 
 
 class TargetModel(nn.Module):
@@ -224,6 +227,15 @@ class TargetModel(nn.Module):
 
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+
+    def cache_shapes(self, batch: int, slots: int) -> list[tuple[int, ...]]:
+        """Shapes of `past`: per layer keys [b, kv, slots, d] and values stored transposed, [b, kv, d, slots]."""
+        kv, d = self.spec.num_kv_heads, self.spec.head_dim
+        return [shape for _ in self.layers for shape in ((batch, kv, slots, d), (batch, kv, d, slots))]
+
+    def empty_cache(self, batch: int, device=None) -> list[torch.Tensor]:
+        dtype = self.embed_tokens.weight.dtype
+        return [torch.zeros(shape, device=device, dtype=dtype) for shape in self.cache_shapes(batch, 0)]
 
     def forward(self, input_ids, position_ids, attention_mask, logits_index, *past):
         s = input_ids.shape[1]

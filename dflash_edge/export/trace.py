@@ -24,11 +24,9 @@ def target_io_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 
 def _example_target_inputs(model: TargetModel, seq: int = 3, past: int = 4):
-    spec = model.spec
     dtype = model.embed_tokens.weight.dtype
     vocab = model.embed_tokens.num_embeddings
-    kv = [torch.randn(1, spec.num_kv_heads, past, spec.head_dim, dtype=dtype)
-          for _ in range(2 * spec.num_layers)]
+    kv = [torch.randn(shape, dtype=dtype) for shape in model.cache_shapes(1, past)]
     return (
         torch.randint(0, vocab, (1, seq)),
         torch.arange(past, past + seq)[None],
@@ -44,14 +42,18 @@ def export_target(model: TargetModel, path: Path) -> dict:
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     total, kept = torch.export.Dim("total"), torch.export.Dim("kept")
     shapes = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: total}, {0: kept}]
-    shapes.append(tuple({0: batch, 2: past} for _ in range(2 * model.spec.num_layers)))  # *past
+    shapes.append(tuple(axes for _ in range(model.spec.num_layers)
+                        for axes in ({0: batch, 2: past}, {0: batch, 3: past})))  # *past: keys, values
     _export(model, _example_target_inputs(model), path, inputs, outputs, shapes)
     return {"inputs": inputs, "outputs": outputs}
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
-    # The exporter warns that torchvision ops are unavailable; they are never used here.
+    # The exporter warns that torchvision ops are unavailable; they are never used here. Its graph
+    # optimizer logs every rewrite it tries at INFO (thousands of lines for one model).
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

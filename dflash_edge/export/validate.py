@@ -62,15 +62,17 @@ def _summarise(report: Report, graph: str, names: list[str], got: list, ref: lis
 @torch.no_grad()
 def validate_target(folder: Path, manifest: dict, target, report: Report, seed: int = 0, label: str = "target",
                     tolerance: float | None = None) -> None:
-    """The ONNX graph against our module on random ids over a random cache."""
+    """The ONNX graph against our module on random ids after a cache of random ids.
+
+    The cache holds the module's own keys and values for its prefix: random-noise caches make attention
+    ill-conditioned enough that fp32 alone drifts by 1e-4 from fp64 on some draws.
+    """
     g = torch.Generator().manual_seed(seed)
-    spec = target.spec
     vocab = target.embed_tokens.num_embeddings
-    dtype = target.embed_tokens.weight.dtype
     seq, past = 6, 5
-    ids = torch.randint(0, vocab, (1, seq), generator=g)
-    cache = [torch.randn(1, spec.num_kv_heads, past, spec.head_dim, generator=g).to(dtype)
-             for _ in range(2 * spec.num_layers)]
+    prefix, ids = torch.randint(0, vocab, (1, past + seq), generator=g).split([past, seq], dim=1)
+    _, _, *cache = target(prefix, torch.arange(past)[None], torch.ones(1, past, dtype=torch.int64),
+                          torch.arange(1), *target.empty_cache(1))
     args = (ids, torch.arange(past, past + seq)[None], torch.ones(1, past + seq, dtype=torch.int64),
             torch.arange(seq), *cache)
     ref = target(*args)
@@ -89,8 +91,8 @@ def check_module(target, hf_model, report: Report, seed: int = 0) -> None:
     seq = 7
     ids = torch.randint(0, target.embed_tokens.num_embeddings, (1, seq), generator=g)
     hf_out = hf_model(ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-    empty = [torch.zeros(1, target.spec.num_kv_heads, 0, target.spec.head_dim)] * (2 * target.spec.num_layers)
-    mine = target(ids, torch.arange(seq)[None], torch.ones(1, seq, dtype=torch.int64), torch.arange(seq), *empty)
+    mine = target(ids, torch.arange(seq)[None], torch.ones(1, seq, dtype=torch.int64), torch.arange(seq),
+                  *target.empty_cache(1))
     report.error("pytorch", "logits vs transformers", rel_error(mine[0].numpy(), hf_out.logits.float().numpy()))
     taps = torch.cat([hf_out.hidden_states[i + 1] for i in target.tap_layer_ids], dim=-1)
     report.error("pytorch", "taps vs hidden_states", rel_error(mine[1].numpy(), taps.float().numpy()))

@@ -12,24 +12,31 @@ from .tokenizer import Tokenizer
 
 
 class TargetCache:
-    """The target's KV cache: per layer one buffer [1, kv, capacity, d] that the graph reads in place.
+    """The target's KV cache: per layer a key buffer [1, kv, capacity, d] and a value buffer stored
+    transposed, [1, kv, d, capacity], both read in place by the graph (see export.modeling.attend_cached).
 
-    The graph returns K/V for the new positions only; commit() writes the kept ones after the filled
-    slots, so a decode step copies a few rows instead of the whole cache, and rollback is a length. The
-    capacity grows in CHUNK-slot steps (the attention reads at most CHUNK - 1 empty slots, which the
-    attention mask hides).
+    The graph returns K/V for the new positions only, in the same layouts; commit() writes the kept ones
+    after the filled slots, so a decode step copies a few rows instead of the whole cache, and rollback is
+    a length. The capacity grows in CHUNK-slot steps (the attention reads at most CHUNK - 1 empty slots,
+    which the attention mask hides).
     """
 
     CHUNK = 128
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype):
-        self.shape, self.dtype = (1, num_kv_heads, 0, head_dim), dtype
-        self.buffers = [np.zeros(self.shape, dtype=dtype) for _ in range(2 * num_layers)]
+        self.dtype = dtype
+        key, value = (1, num_kv_heads, 0, head_dim), (1, num_kv_heads, head_dim, 0)
+        self.buffers = [np.zeros(shape, dtype=dtype) for _ in range(num_layers) for shape in (key, value)]
         self.length = 0
 
     @property
     def capacity(self) -> int:
         return self.buffers[0].shape[2]
+
+    @staticmethod
+    def _slots(i: int, start: int, end: int) -> tuple:
+        """Index of cache slots start..end in buffer i (keys hold slots on axis 2, values on axis 3)."""
+        return (slice(None),) * (2 + i % 2) + (slice(start, end),)
 
     def reserve(self, n: int) -> None:
         """Make room for n positions after the filled ones."""
@@ -38,10 +45,13 @@ class TargetCache:
             return
         capacity = -(-need // self.CHUNK) * self.CHUNK
         grown = []
-        for old in self.buffers:
+        for i, old in enumerate(self.buffers):
+            shape = list(old.shape)
+            shape[2 + i % 2] = capacity
             # Zeros, not np.empty: masked slots must hold finite values, or 0 * NaN poisons the attention.
-            new = np.zeros(self.shape[:2] + (capacity,) + self.shape[3:], dtype=self.dtype)
-            new[:, :, :self.length] = old[:, :, :self.length]
+            new = np.zeros(shape, dtype=self.dtype)
+            filled = self._slots(i, 0, self.length)
+            new[filled] = old[filled]
             grown.append(new)
         self.buffers = grown
 
@@ -55,14 +65,14 @@ class TargetCache:
     def commit(self, presents: list[np.ndarray], keep: int) -> None:
         """Keep the first `keep` new positions the graph returned (the rest were rejected drafts)."""
         self.reserve(keep)
-        end = self.length + keep
-        for buf, new in zip(self.buffers, presents):
-            buf[:, :, self.length:end] = new[:, :, :keep]
-        self.length = end
+        for i, (buf, new) in enumerate(zip(self.buffers, presents)):
+            buf[self._slots(i, self.length, self.length + keep)] = new[self._slots(i, 0, keep)]
+        self.length += keep
 
     def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Layer i's filled keys and values, [1, kv, length, d] each (views)."""
-        return self.buffers[2 * i][:, :, :self.length], self.buffers[2 * i + 1][:, :, :self.length]
+        """Layer i's filled keys [1, kv, length, d] and values [1, kv, length, d] (views)."""
+        keys, values = self.buffers[2 * i], self.buffers[2 * i + 1]
+        return keys[:, :, :self.length], values[..., :self.length].swapaxes(2, 3)
 
 
 class DraftCache:

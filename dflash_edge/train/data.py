@@ -54,7 +54,6 @@ def greedy_batch(target, prompts: list[list[int]], max_new_tokens: int, stops: s
 
     Prompts are left-padded; the attention mask hides the padding and positions count real tokens only.
     """
-    spec = target.spec
     b, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(b, width, dtype=torch.long)
     mask = torch.zeros(b, width, dtype=torch.long)
@@ -62,15 +61,14 @@ def greedy_batch(target, prompts: list[list[int]], max_new_tokens: int, stops: s
         ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    dtype = target.embed_tokens.weight.dtype
-    past = [torch.zeros(b, spec.num_kv_heads, 0, spec.head_dim, device=device, dtype=dtype)] * (2 * spec.num_layers)
+    past = target.empty_cache(b, device)  # keys hold slots on axis 2, values (stored transposed) on axis 3
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     replies = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     last = torch.tensor([width - 1], device=device)
     for _ in range(max_new_tokens):
         logits, _, *new = target(ids, positions, mask, last, *past)  # new: K/V of this step's positions
-        past = [torch.cat([p, n], dim=2) for p, n in zip(past, new)]
+        past = [torch.cat([p, n], dim=2 + i % 2) for i, (p, n) in enumerate(zip(past, new))]
         logits = logits[:, -1]
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)

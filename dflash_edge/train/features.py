@@ -43,7 +43,6 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
         offsets.append(offsets[-1] + len(s.tokens))
     tmp = folder / "features.f16.tmp"
     data = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(offsets[-1], width))
-    spec = target.spec
     t0 = time.perf_counter()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
     i = 0
@@ -57,8 +56,7 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
         ids = torch.zeros(len(batch), width_now, dtype=torch.long)
         for r, j in enumerate(batch):
             ids[r, :len(seqs[j].tokens)] = torch.tensor(seqs[j].tokens)
-        empty = [torch.zeros(len(batch), spec.num_kv_heads, 0, spec.head_dim, device=device,
-                             dtype=target.embed_tokens.weight.dtype)] * (2 * spec.num_layers)
+        empty = target.empty_cache(len(batch), device)
         pos = torch.arange(width_now)[None].expand(len(batch), -1)
         # The target runs in its own dtype (bf16 with dflash-train --precision bf16).
         _, taps, *_ = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
