@@ -1,13 +1,10 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny import save_random_drafter, save_target  # noqa: E402
+from dflash_edge.bench.synthetic import save_random_drafter, save_target  # noqa: E402
 
 
 def _export(tmp_path_factory, arch: str, block_size: int = 16):

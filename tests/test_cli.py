@@ -137,7 +137,7 @@ EXPORT_CASES = {
 def odd_inputs(tmp_path_factory, tiny_llama):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tiny import make_tokenizer
+    from dflash_edge.bench.synthetic import make_tokenizer
 
     root = tmp_path_factory.mktemp("odd")
     gpt2 = root / "gpt2"

@@ -211,3 +211,62 @@ def test_quantized_export_keeps_external_data_and_refuses_bad_options(tmp_path, 
     model = ExportedModel(out)
     ids = model.tokenizer.encode("hello world")
     assert generate(model, ids, 20, block_size=4)[0] == generate(model, ids, 20, block_size=1)[0]
+
+
+def _custom_ops(path) -> set[str]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {f"{n.domain}.{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_tensorrt_variant_has_standard_ops_only_and_int4_stays_lossless(tmp_path, tiny_llama, dtype):
+    """TensorRT takes a graph whole only without contrib ops: int4 weights as block-quantized DequantizeLinear."""
+    out = _export_variant(tmp_path, tiny_llama, quantize="int4", variant="tensorrt", dtype=dtype)
+    manifest = json.loads((out / "dflash_edge.json").read_text())
+    assert manifest["variant"] == "tensorrt" and manifest["target"]["quantization"] == "int4"
+    for graph in ("target.onnx", "drafter_context.onnx", "drafter_block.onnx"):
+        onnx.checker.check_model(str(out / graph))
+        assert not _custom_ops(out / graph), graph
+        assert manifest["export"]["validation"][f"{graph[:-5]}:standard ops only"]["ok"]
+    target = onnx.load(str(out / "target.onnx"), load_external_data=False)
+    blocked = [n for n in target.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]
+    assert len(blocked) == 6 * 7  # q, k, v, o, gate, up and down in each of the 6 layers
+    model = ExportedModel(out)
+    model.stop_token_ids = set()
+    ids = model.tokenizer.encode("the cat sat on the mat")
+    plain, _ = generate(model, ids, 30, block_size=1)
+    for block in (4, None):
+        assert generate(model, ids, 30, block_size=block)[0] == plain
+
+
+def test_standard_ops_check_catches_contrib_ops(tmp_path, tiny_llama):
+    """The check the tensorrt variant relies on fails on the ort variant's MatMulNBits."""
+    from dflash_edge.export.validate import Report, check_standard_ops
+
+    out = _export_variant(tmp_path, tiny_llama, quantize="int4")
+    assert "com.microsoft.MatMulNBits" in _custom_ops(out / "target.onnx")
+    report = Report(1e-4)
+    check_standard_ops(out, ["target.onnx", "drafter_block.onnx"], report)
+    assert not report.ok
+    assert any("com.microsoft.MatMulNBits" in line for line in report.lines())
+
+
+def test_jetson_preset_picks_tensorrt_fp16_and_int4_for_large_targets(tmp_path, tiny_llama):
+    from dflash_edge.errors import UserError
+    from dflash_edge.export.devices import apply_preset
+
+    assert apply_preset("jetson-orin", None, None, None, target_params=8_000_000_000)[:3] == ("fp16", "tensorrt", "int4")
+    assert apply_preset("jetson-orin", None, None, None, target_params=135_000_000)[:3] == ("fp16", "tensorrt", None)
+    assert apply_preset("jetson-orin", "fp32", None, None, target_params=10**10)[:3] == ("fp32", "tensorrt", "int4")
+    assert apply_preset(None, None, None, None, target_params=10**10)[:3] == ("fp32", "ort", None)
+    with pytest.raises(UserError, match="drop --variant ort"):
+        _export_variant(tmp_path, tiny_llama, device="jetson-orin", variant="ort")
+    with pytest.raises(UserError, match="int4 only"):
+        _export_variant(tmp_path, tiny_llama, device="jetson-orin", quantize="int8")
+    with pytest.raises(UserError, match="unknown --device"):
+        _export_variant(tmp_path, tiny_llama, device="jetson-nano")
+    assert not (tmp_path / "out").exists()
+    out = _export_variant(tmp_path, tiny_llama, device="jetson-orin")
+    manifest = json.loads((out / "dflash_edge.json").read_text())
+    assert manifest["variant"] == "tensorrt" and manifest["target"]["dtype"] == "fp16"

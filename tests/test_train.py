@@ -116,7 +116,7 @@ def test_training_prompts_never_contain_evaluation_prompts():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama):
-    from tiny import WORDS
+    from dflash_edge.bench.synthetic import WORDS
 
     root = tmp_path_factory.mktemp("train")
     rng = random.Random(0)
@@ -135,7 +135,7 @@ def trained(tmp_path_factory, tiny_llama):
 def test_tiny_training_lowers_the_loss_and_beats_an_untrained_drafter(trained, tiny_llama):
     from dflash_edge.export.pipeline import export
     from dflash_edge.runtime.api import DFlashModel
-    from tiny import save_random_drafter
+    from dflash_edge.bench.synthetic import save_random_drafter
 
     root, log = trained
     report = json.loads((root / "drafter" / "training_report.json").read_text())

@@ -36,7 +36,9 @@ def parse_args(argv):
     p.add_argument("--no-optimum", action="store_true",
                    help="skip the Optimum ORTModelForCausalLM baseline (run when optimum-onnx is installed)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    p.add_argument("--provider", default="cpu")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    p.add_argument("--fallback", nargs="?", const="cpu", choices=["cpu"], default=None,
+                   help="--fallback cpu: run on CPU if the provider is unavailable or fails to start")
     p.add_argument("--json", default=None, help="write the full results here")
     p.add_argument("--markdown", default=None, help="write the summary table here")
     p.add_argument("--plot", default=None, help="write the speed-up against tau plot here (PNG; needs matplotlib)")
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     from .oracle import OracleDrafts
     from .report import BASELINES, machine_description, markdown, plot, summarize_mode
 
-    dflash = DFlashModel(args.model, args.provider, threads=args.threads)
+    dflash = DFlashModel(args.model, args.provider, bool(args.fallback), threads=args.threads)
     model = dflash.model
     if not model.has_drafter:
         raise UserError(f"{args.model} has no drafter; export it with one (dflash-export --drafter ...)")
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
             raise UserError(f"--oracle-tau {t} is outside 1..{trained} (the drafter's block size)")
     if args.max_new_tokens >= model.max_context:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context ({model.max_context})")
-    plain = DFlashModel(args.model, args.provider, threads=args.threads, use_drafter=False).model
+    plain = DFlashModel(args.model, args.provider, bool(args.fallback), threads=args.threads, use_drafter=False).model
     baselines = load_baselines(args, model)
     vocab = int(model.target_info["vocab_size"])
 

@@ -13,7 +13,7 @@ def parse_args(argv):
                    help="a Hugging Face folder, a .gguf file, or an alias: smollm2-135m (default, embedded), "
                         "llama3.1-8b, qwen3-4b, qwen3-8b (from the local Hugging Face cache)")
     p.add_argument("--output", default=None, help="folder to write (default: exports/<model>)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="default fp32 (or the --device preset's)")
     p.add_argument("--layers", default=None,
                    help="tap layer ids, comma-separated (default: the drafter's, else z-lab's rule)")
     p.add_argument("--drafter", default=None,
@@ -24,7 +24,14 @@ def parse_args(argv):
                    help="score only the N most frequent tokens in the drafter's LM head (from its "
                         "draft_vocab.json; default: all of that file; 0: the whole vocabulary)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the target's weights with ONNX Runtime's tools (int4: MatMulNBits)")
+                   help="quantize the target's weights with ONNX Runtime's tools (MatMulNBits; with "
+                        "--variant tensorrt: int4 as block-quantized DequantizeLinear)")
+    p.add_argument("--variant", choices=["ort", "tensorrt"], default=None,
+                   help="ort (default): for ONNX Runtime's CPU and CUDA providers; tensorrt: standard ONNX "
+                        "ops only, checked, so TensorRT builds the whole graph")
+    p.add_argument("--device", choices=["jetson-orin"], default=None,
+                   help="a preset: jetson-orin = --variant tensorrt, fp16, int4 weights for targets over "
+                        "2B parameters (explicit options win)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -39,7 +46,8 @@ def main(argv=None) -> int:
             raise UserError("--no-drafter and --drafter contradict each other; pass one")
         drafter = "" if args.no_drafter else args.drafter
         out = export(args.model, args.output, args.dtype, args.layers, drafter, args.force,
-                     draft_vocab=args.draft_vocab, quantize=args.quantize)
+                     draft_vocab=args.draft_vocab, quantize=args.quantize, variant=args.variant,
+                     device=args.device)
     except ValidationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

