@@ -56,3 +56,25 @@ def test_probes_stay_cheap_where_a_two_token_verify_is_expensive():
     chosen = run(BlockPolicy(costly), lambda block: 0, rounds=400)
     extra = sum(costly[b] - 1.0 for b in chosen[50:]) / len(chosen[50:])
     assert 2 in chosen[50:] and extra < 0.03
+
+
+def test_drafting_rounds_slower_than_measured_tip_the_choice_back_to_plain():
+    """Start-up costs say block 2 pays at 40 % acceptance; the rounds' own times say it does not."""
+    rng = np.random.default_rng(0)
+    costs = COSTS.copy()
+    costs[2] = 1.2  # 1.4 tokens for 1.2 steps: worth drafting on paper
+
+    def rounds(policy, real_cost_of_two):
+        chosen = []
+        for _ in range(300):
+            block = policy.choose()
+            accepted = min(block - 1, int(rng.random() < 0.4))
+            seconds = 0.016 * (1.0 if block == 1 else real_cost_of_two + 0.1 * (block - 2))
+            policy.update(block, accepted, seconds)
+            chosen.append(block)
+        return chosen[100:]
+
+    as_measured = rounds(BlockPolicy(costs), 1.2)
+    assert as_measured.count(2) > 0.8 * len(as_measured)
+    slower = rounds(BlockPolicy(costs), 1.5)  # wake-ups and cold caches: 1.4 tokens for 1.5 steps
+    assert slower.count(1) > 0.8 * len(slower)

@@ -4,7 +4,8 @@
     model = load("exports/smollm2-135m")
     print(model.generate("Write a haiku about the sea.").text)
 """
-from .api import DFlashModel, Result, load
+from .api import DFlashModel, Generation, Result, load
 from .generate import GenerationStats
+from .sampling import Sampling
 
-__all__ = ["DFlashModel", "GenerationStats", "Result", "load"]
+__all__ = ["DFlashModel", "Generation", "GenerationStats", "Result", "Sampling", "load"]

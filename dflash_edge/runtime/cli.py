@@ -17,6 +17,12 @@ def parse_args(argv):
                    help="tokens per draft/verify round (default: chosen each round, up to the drafter's "
                         "trained size, from measured costs and acceptance)")
     p.add_argument("--no-draft", action="store_true", help="plain decoding, even if the folder has a drafter")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default) decodes greedily; above it the reply is sampled, still losslessly")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                                                            "whose probabilities add up to this")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for a reproducible sample")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (default: cpu)")
@@ -68,13 +74,17 @@ def main(argv=None) -> int:
     if args.compare and not drafting:
         raise UserError("--compare needs DFlash: a folder exported with a drafter, without --no-draft or --block-size 1")
     printer = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    result = model.generate(text, args.max_new_tokens, block, system=args.system, raw=args.raw, on_text=printer)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.compare and args.temperature > 0 and args.seed is None:
+        sampling["seed"] = 0  # the same draw for both runs, so their outputs can be compared
+    result = model.generate(text, args.max_new_tokens, block, system=args.system, raw=args.raw, on_text=printer,
+                            **sampling)
     stats = result.stats
     plain = None
     if args.compare:
         del model  # one model in memory at a time; the plain one runs without the drafter sessions
         plain = DFlashModel(args.model, args.provider, bool(args.fallback), args.threads, use_drafter=False)
-        plain = plain.generate(text, args.max_new_tokens, 1, system=args.system, raw=args.raw)
+        plain = plain.generate(text, args.max_new_tokens, 1, system=args.system, raw=args.raw, **sampling)
     if args.json:
         out = {"text": result.text, "token_ids": result.token_ids, **stats.as_dict()}
         if plain:

@@ -5,10 +5,13 @@
     what was kept -> project the kept tokens' features into the draft cache] -> repeat
 
 At temperature 0 every emitted token is the target's argmax given the true prefix, so the output equals
-plain greedy decoding of the same graph token for token.
+plain greedy decoding of the same graph token for token. Above it the target samples each verify
+position and drafts are kept while they equal those samples (sampling.py): the output is distributed
+exactly as plain sampling's.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ import numpy as np
 from ..errors import UserError
 from .model import DraftCache, ExportedModel
 from .policy import BlockPolicy
+from .sampling import Sampler, Sampling
 
 # A drafter hook for tests and benchmarks: (committed ids so far, block size) -> B-1 proposed ids.
 DraftFn = Callable[[list[int], int], list[int]]
@@ -81,10 +85,14 @@ def check_request(model: ExportedModel, prompt_ids: list[int], max_new_tokens: i
 
 def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
              block_size: int | None = None, on_tokens: Callable[[list[int]], None] | None = None,
-             draft_fn: DraftFn | None = None,
-             rewrite_drafts: RewriteFn | None = None) -> tuple[list[int], GenerationStats]:
-    """Greedy generation. block_size 1 is plain decoding, N > 1 drafts N - 1 tokens every round, and
-    None picks the size each round (up to the drafter's trained size) from measured costs and acceptance."""
+             draft_fn: DraftFn | None = None, rewrite_drafts: RewriteFn | None = None,
+             sampling: Sampling | None = None,
+             cancel: threading.Event | None = None) -> tuple[list[int], GenerationStats]:
+    """block_size 1 is plain decoding, N > 1 drafts N - 1 tokens every round, and None picks the size
+    each round (up to the drafter's trained size) from measured costs and acceptance. sampling: greedy
+    when None. cancel: set it from another thread to stop after the current round (finish reason
+    "cancelled"; the tokens emitted so far are returned)."""
+    sampler = Sampler(sampling or Sampling())
     check_request(model, prompt_ids, max_new_tokens)
     policy = None
     if block_size is None and draft_fn is None and model.has_drafter:
@@ -100,7 +108,7 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
     t0 = time.perf_counter()
     cache = model.new_target_cache()
     logits, taps = model.prefill(prompt_ids, cache)
-    token = int(np.argmax(logits[-1]))
+    token = sampler.choose(logits[-1], len(prompt_ids))
     out = [token]
     stats.ttft_s = time.perf_counter() - t0
     emit([token])
@@ -111,6 +119,10 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
     finish = "stop" if token in stops else ""
     t_decode = time.perf_counter()
     while not finish and len(out) < max_new_tokens:
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+            break
+        t_round = time.perf_counter()
         chosen = policy.choose() if policy else block_size
         block = min(chosen, max_new_tokens - len(out) + 1)  # never draft past max_new_tokens
         drafts: list[int] = []
@@ -130,18 +142,27 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
         t = time.perf_counter()
         logits, taps, presents = model.run_target([token] + drafts, cache, last_only=False)
         stats.verify_s += time.perf_counter() - t
-        choice = np.argmax(logits, axis=-1)  # the target's token after each block position
+        # logits[i] is the target's distribution for position start + 1 + i: keep drafts while they
+        # equal its choice there; its choice at the first disagreement is the bonus token.
         accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
-            accepted += 1
-        new = drafts[:accepted] + [int(choice[accepted])]
+        if sampler.sampling.greedy:
+            choice = np.argmax(logits, axis=-1)
+            while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
+                accepted += 1
+            bonus = int(choice[accepted])
+        else:
+            bonus = sampler.choose(logits[0], start + 1)
+            while accepted < len(drafts) and drafts[accepted] == bonus:
+                accepted += 1
+                bonus = sampler.choose(logits[accepted], start + 1 + accepted)
+        new = drafts[:accepted] + [bonus]
         # The target cache keeps [token] + accepted drafts; the bonus token is fed next round.
         cache.commit(presents, accepted + 1)
         if use_drafter:
             pending.append(taps[: accepted + 1])
         start += accepted + 1
         if policy:
-            policy.update(block, accepted)
+            policy.update(block, accepted, time.perf_counter() - t_round)
             stats.blocks[block] += 1
         token = new[-1]
 

@@ -67,6 +67,8 @@ class BlockPolicy:
     PRIOR_WEIGHT = 1.0 # pseudo-observations behind each prior
     PROBE_EVERY = 16   # while decoding plainly, draft one token at most every this many rounds to keep watching,
     PROBE_BUDGET = 0.02  # and no more often than keeps the probes' extra cost under this share of the time
+    TIMING_WEIGHT = 0.1  # weight of the newest round in the running round-time averages
+    RETIME_EVERY = 64    # while drafting, decode one round plainly at least this often to keep the step time fresh
 
     def __init__(self, costs: np.ndarray):
         self.costs = costs
@@ -77,6 +79,13 @@ class BlockPolicy:
         # A probe is a block-2 round instead of a plain one. Where verifying two tokens costs nearly two
         # steps (int4 MatMulNBits on this CPU) probing every 16 rounds alone would cost 7 %.
         self.probe_every = max(self.PROBE_EVERY, int(np.ceil((costs[2] - 1.0) / self.PROBE_BUDGET)))
+        # Drafting rounds in a real generation cost more than their start-up measurement says (the target's
+        # threads, idle while the drafter runs, have to wake up again; caches are colder): this factor,
+        # learnt from the rounds' own times, scales the cost of every block above 1.
+        self.step_s = None
+        self.drafting_factor = 1.0
+        self.timed = False  # whether rounds report their times (generate() does; simulations may not)
+        self.since_plain = 0
 
     def rates(self) -> list[float]:
         """Chance that draft j is accepted given drafts 1..j-1 were, j = 1..B-1.
@@ -92,15 +101,24 @@ class BlockPolicy:
 
     def choose(self) -> int:
         expected = 1.0 + np.concatenate([[0.0], np.cumsum(np.cumprod(self.rates()))])  # tokens, b = 1..B
-        block = int(np.argmax(expected / self.costs[1:])) + 1
+        costs = self.costs[1:].copy()
+        costs[1:] *= self.drafting_factor
+        block = int(np.argmax(expected / costs)) + 1
+        if block > 1 and self.timed and (self.step_s is None or self.since_plain >= self.RETIME_EVERY):
+            block = 1  # time a plain step: the yardstick for the drafting rounds' times
         if block == 1:
             self.plain_rounds += 1
             if self.plain_rounds % self.probe_every == 0:
                 return 2
         return block
 
-    def update(self, block: int, accepted: int) -> None:
-        """After a round of `block` tokens of which `accepted` drafts were kept."""
+    def update(self, block: int, accepted: int, seconds: float | None = None) -> None:
+        """After a round of `block` tokens of which `accepted` drafts were kept, that took `seconds`
+        (drafting and verifying)."""
+        self.since_plain = 0 if block == 1 else self.since_plain + 1
+        if seconds is not None:
+            self.timed = True
+            self._time(block, seconds)
         if block == 1:
             return  # nothing drafted, nothing learnt
         # Every position forgets a little each drafting round, so one not reached lately drifts back to
@@ -110,3 +128,11 @@ class BlockPolicy:
         seen = min(accepted + 1, block - 1)  # drafts 1..seen were checked; the first rejected one counts
         self.tested[:seen] += 1
         self.accepted[:accepted] += 1
+
+    def _time(self, block: int, seconds: float) -> None:
+        w = self.TIMING_WEIGHT
+        if block == 1:
+            self.step_s = seconds if self.step_s is None else (1 - w) * self.step_s + w * seconds
+        elif self.step_s is not None:
+            observed = seconds / self.step_s / self.costs[block]
+            self.drafting_factor = float(np.clip((1 - w) * self.drafting_factor + w * observed, 0.5, 3.0))

@@ -1,0 +1,84 @@
+"""The embedding API: streaming (iterator and callback), cancelling from another thread, one generation
+at a time per model, errors before any thread starts."""
+import threading
+
+import pytest
+
+from dflash_edge.errors import UserError
+from dflash_edge.runtime.api import DFlashModel
+
+
+@pytest.fixture(scope="module")
+def app_model(tiny_llama):
+    return DFlashModel(tiny_llama[2])
+
+
+def test_stream_yields_the_text_generate_returns(app_model):
+    whole = app_model.generate("the cat sat", max_new_tokens=40)
+    got = []
+    gen = app_model.stream("the cat sat", max_new_tokens=40, on_text=got.append)
+    pieces = list(gen)
+    assert "".join(pieces) == "".join(got) == whole.text
+    result = gen.result()
+    assert result.token_ids == whole.token_ids and result.stats.finish_reason == whole.stats.finish_reason
+    assert gen.done
+
+
+def test_cancel_from_another_thread_stops_after_the_current_round(app_model):
+    started = threading.Event()
+    gen = app_model.stream("the cat sat", max_new_tokens=400, block_size=1, on_text=lambda _: started.set())
+    assert started.wait(30)
+    gen.cancel()
+    result = gen.result(timeout=30)
+    assert result.stats.finish_reason in ("cancelled", "stop")
+    if result.stats.finish_reason == "cancelled":
+        assert 1 <= len(result.token_ids) < 400
+
+
+def test_cancel_inside_the_callback_is_deterministic(app_model):
+    cancel = threading.Event()
+    result = app_model.generate("the cat sat", max_new_tokens=50, block_size=1, on_text=lambda _: cancel.set(),
+                                cancel=cancel)
+    assert result.stats.finish_reason == "cancelled" and len(result.token_ids) == 1
+
+
+def test_leaving_the_iterator_cancels_the_generation(app_model):
+    gen = app_model.stream("the cat sat", max_new_tokens=400, block_size=1)
+    for _ in gen:
+        break
+    assert gen.result(timeout=30).stats.finish_reason in ("cancelled", "stop")
+
+
+def test_concurrent_streams_do_not_mix(app_model):
+    prompts = ["the cat sat", "a dog ran to the big red mat", "hello world"]
+    expected = [app_model.generate(p, max_new_tokens=30).text for p in prompts]
+    gens = [app_model.stream(p, max_new_tokens=30) for p in prompts]
+    assert ["".join(g) for g in gens] == expected
+
+
+def test_bad_input_raises_before_any_thread_starts(app_model):
+    before = threading.active_count()
+    with pytest.raises(UserError, match="empty"):
+        app_model.stream("   ")
+    with pytest.raises(UserError, match="top_p"):
+        app_model.stream("hi", top_p=0.0)
+    assert threading.active_count() == before
+
+
+def test_worker_errors_reach_the_caller(app_model):
+    gen = app_model.stream("the cat sat", max_new_tokens=10, block_size=99)  # above the drafter's size
+    with pytest.raises(UserError, match="block"):
+        list(gen)
+    with pytest.raises(UserError):
+        gen.result()
+
+
+def test_the_readme_example_runs_as_written(tiny_llama, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = readme.split("From Python (numpy, onnxruntime and tokenizers only")[1].split("```python\n")[1].split("```")[0]
+    assert 'load("exports/smollm2-135m")' in code
+    exec(compile(code.replace("exports/smollm2-135m", str(tiny_llama[2])), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].strip() in ("stop", "length")
