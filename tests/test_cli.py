@@ -169,3 +169,64 @@ def test_export_bad_input(case, tiny_llama, odd_inputs, tmp_path):
     assert err and "Traceback" not in "\n".join(err)
     assert expected in err[-1], err
     assert not (tmp_path / "out").exists()
+
+
+TRAIN = [sys.executable, "-m", "dflash_edge.train.cli"]
+
+
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-inputs")
+    (root / "bad.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
+    (root / "ok.jsonl").write_text('{"prompt": "hi"}\n')
+    (root / "broken.jsonl").write_text('{"prompt": "hi"\n')
+    return root
+
+
+TRAIN_CASES = {
+    "missing data": (["--data", "/nonexistent.jsonl", "--output", "{root}/o"], "does not exist"),
+    "data is a folder": (["--data", "{root}", "--output", "{root}/o"], "is not a file"),
+    "data not UTF-8": (["--data", "{root}/bad.jsonl", "--output", "{root}/o"], "not valid UTF-8"),
+    "data not JSON": (["--data", "{root}/broken.jsonl", "--output", "{root}/o"], "not valid JSON"),
+    "zero steps": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--steps", "0"], "--steps must be at least 1"),
+    "zero layers": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--draft-layers", "0"], "--draft-layers"),
+    "block of one": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--block-size", "1"], "at least 2"),
+    "unwritable output": (["--data", "{root}/ok.jsonl", "--output", "/proc/none/o"], "cannot write"),
+    "unknown target": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--target", "gpt5-tiny"], "unknown model"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_bad_input(case, train_inputs):
+    args, expected = TRAIN_CASES[case]
+    out = run(TRAIN + [a.format(root=train_inputs) for a in args])
+    err = out.stderr.decode().strip()
+    assert out.returncode == 2, (case, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and expected in err, err
+
+
+SERVE = [sys.executable, "-m", "dflash_edge.runtime.server"]
+
+
+def test_serve_bad_input(tiny_llama, broken):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = str(taken.getsockname()[1])
+    cases = {
+        "missing folder": (["--model", "/nonexistent/x"], "does not exist"),
+        "not an export": (["--model", f"{broken}/empty"], "not a dflash-edge export"),
+        "truncated graph": (["--model", f"{broken}/truncated"], "target.onnx"),
+        "unknown provider": (["--model", str(tiny_llama[2]), "--provider", "metal"], "unknown provider"),
+        "unavailable provider": (["--model", str(tiny_llama[2]), "--provider", "cuda"], "--fallback cpu"),
+        "port out of range": (["--model", str(tiny_llama[2]), "--port", "70000"], "--port"),
+        "port in use": (["--model", str(tiny_llama[2]), "--port", port], "cannot listen"),
+    }
+    for case, (args, expected) in cases.items():
+        out = run(SERVE + args)
+        err = out.stderr.decode().strip()
+        assert out.returncode == 2, (case, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and expected in err, (case, err)
+    taken.close()

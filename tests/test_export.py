@@ -270,3 +270,33 @@ def test_jetson_preset_picks_tensorrt_fp16_and_int4_for_large_targets(tmp_path, 
     out = _export_variant(tmp_path, tiny_llama, device="jetson-orin")
     manifest = json.loads((out / "dflash_edge.json").read_text())
     assert manifest["variant"] == "tensorrt" and manifest["target"]["dtype"] == "fp16"
+
+
+def test_an_export_killed_at_any_step_leaves_no_folder_a_runtime_accepts(tmp_path, tiny_llama):
+    import signal
+    import subprocess
+    import sys
+
+    from dflash_edge.errors import UserError
+    from dflash_edge.manifest import read_manifest
+
+    hf_dir, drafter_dir, _ = tiny_llama
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dflash_edge.export.cli", "--model", str(hf_dir), "--drafter", str(drafter_dir),
+           "--output", str(out)]
+    for step in range(1, 7):  # kill it as it starts step 1, 2, ... 6 of 6
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            if line.startswith(f"[{step}/6]"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the export finished before step {step}"
+        assert not out.exists()
+        for left in tmp_path.iterdir():
+            with pytest.raises(UserError):
+                read_manifest(left)
+    # The next export cleans up what the killed ones left and writes a complete folder.
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert read_manifest(out)["format_version"] >= 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

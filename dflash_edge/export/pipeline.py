@@ -179,6 +179,7 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
     chat = derive_chat(tokenizer, family, log)
     stops = stop_ids(hf_model, tokenizer, chat)
 
+    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -197,6 +198,20 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Delete what killed exports to `out` left behind (their process is gone)."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def pick_draft_vocab(drafter_path: Path, vocab_size: int, wanted: int | None, log) -> list[int] | None:

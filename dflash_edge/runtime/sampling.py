@@ -8,6 +8,7 @@ position and, given the same logits, the same token.
 """
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -24,12 +25,14 @@ class Sampling:
     seed: int | None = None   # None: a fresh seed per generation
 
     def check(self) -> "Sampling":
-        if not self.temperature >= 0:
-            raise UserError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UserError(f"temperature must be 0 (greedy) or a finite positive number, got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must be 0 (no limit) or more, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must be in 0..2**63-1, got {self.seed}")
         return self
 
     @property

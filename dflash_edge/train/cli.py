@@ -83,9 +83,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.block_size < 2:
         raise UserError("--block-size must be at least 2")
+    for name in ("steps", "draft_layers", "batch", "anchors", "max_new_tokens", "regen_batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
     output = Path(args.output)
     work = Path(args.work or f"{output}.work")
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {work} or {output}: {e.strerror}") from None
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)

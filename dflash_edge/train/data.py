@@ -28,7 +28,8 @@ class Sequence:
 def read_prompts(path: Path) -> list[list[dict]]:
     """jsonl lines with "prompt" (a user message) or "messages" (a conversation) -> conversations."""
     if not path.is_file():
-        raise UserError(f"training data {path} does not exist")
+        raise UserError(f"training data {path} {'is not a file' if path.exists() else 'does not exist'}; "
+                        f"pass a jsonl file")
     convs = []
     for n, row in read_jsonl(path):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str):

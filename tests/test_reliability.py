@@ -1,0 +1,83 @@
+"""Long runs stay bounded, and the request and prompt paths take any input without a crash."""
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dflash_edge.errors import UserError
+from dflash_edge.runtime.api import DFlashModel
+from dflash_edge.runtime.server import BadRequest, Request
+
+
+@pytest.fixture(scope="module")
+def app(tiny_llama):
+    return DFlashModel(tiny_llama[2])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_generating_to_the_full_context_stops_with_length(app):
+    model = app.model
+    ids = app.prompt_ids("the cat sat", raw=True)
+    result = app.generate("the cat sat", max_new_tokens=model.max_context - len(ids), raw=True)
+    assert result.stats.finish_reason in ("length", "stop")
+    if result.stats.finish_reason == "length":
+        assert len(ids) + len(result.token_ids) == model.max_context
+
+
+def test_memory_stays_flat_over_back_to_back_generations(app):
+    for _ in range(3):  # warm-up: sessions' arenas and caches reach their working size
+        app.generate("the cat sat on the mat", max_new_tokens=200, raw=True)
+    before = rss_mb()
+    for i in range(20):
+        app.generate(f"the dog ran {i}", max_new_tokens=200, raw=True, temperature=0.8 if i % 2 else 0.0, seed=i)
+    assert rss_mb() - before < 25, f"RSS grew from {before:.0f} MB to {rss_mb():.0f} MB over 20 generations"
+
+
+class FakeServer:
+    def __init__(self, model):
+        self.model = model
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12)
+request_bodies = st.one_of(
+    json_values,
+    st.fixed_dictionaries({}, optional={
+        "messages": st.one_of(json_values, st.lists(st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "assistant", 3]), "content": st.one_of(st.text(), json_values)}),
+            max_size=3)),
+        "prompt": st.one_of(st.text(), json_values),
+        "max_tokens": json_values, "temperature": json_values, "top_p": json_values, "top_k": json_values,
+        "seed": json_values, "stream": json_values, "n": json_values, "stream_options": json_values}))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=request_bodies, chat=st.booleans())
+def test_request_parser_accepts_or_refuses_cleanly(app, body, chat):
+    """Any JSON body: a checked request, or BadRequest with a 4xx status. Nothing else escapes."""
+    try:
+        request = Request(FakeServer(app), body, chat)
+    except BadRequest as e:
+        assert 400 <= e.status < 500 and str(e)
+        json.dumps({"error": {"message": str(e), "param": e.param}})  # what the server sends must serialise
+        return
+    assert 1 <= request.max_tokens < app.model.max_context
+    assert len(request.ids) + request.max_tokens <= app.model.max_context
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text(max_size=300))
+def test_prompt_path_takes_any_text(app, text):
+    try:
+        ids = app.prompt_ids(text)
+    except UserError as e:
+        assert "empty" in str(e) or "context" in str(e)
+        return
+    assert all(0 <= i < app.model.target_info["vocab_size"] for i in ids)
