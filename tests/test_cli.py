@@ -71,6 +71,9 @@ def broken(tiny_llama, tmp_path_factory):
     data = (truncated / "target.onnx").read_bytes()
     (truncated / "target.onnx").write_bytes(data[: len(data) // 3])
     (root / "empty").mkdir()
+    cut = shutil.copytree(src, root / "cut-weights")
+    with open(cut / "shared_weights.data", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
     garbled = shutil.copytree(src, root / "garbled")
     (garbled / "dflash_edge.json").write_text("{not json")
     return root
@@ -83,6 +86,7 @@ GENERATE_CASES = {
     "older manifest": (["--model", "{broken}/older", "hi"], "older dflash-edge"),
     "corrupted manifest": (["--model", "{broken}/garbled", "hi"], "corrupted"),
     "truncated graph": (["--model", "{broken}/truncated", "hi"], "target.onnx"),
+    "truncated external data": (["--model", "{broken}/cut-weights", "hi"], "shared_weights.data is truncated"),
     "unknown provider": (["--model", "{export}", "hi", "--provider", "metal"], "unknown provider"),
     "unavailable provider": (["--model", "{export}", "hi", "--provider", "tensorrt"], "not available"),
     "empty prompt": (["--model", "{export}", "   "], "empty"),
@@ -122,6 +126,8 @@ def test_export_alias_without_weights_names_the_download(tmp_path):
 
 EXPORT_CASES = {
     "unknown alias": (["--model", "gpt5-tiny"], "unknown model"),
+    "missing model folder": (["--model", "/nonexistent/hf"], "does not exist"),
+    "unwritable output": (["--model", "{hf}", "--output", "/proc/none/out"], "cannot write"),
     "folder without config": (["--model", "{tmp}"], "no config.json"),
     "bad layers": (["--model", "{hf}", "--layers", "1,x"], "comma-separated"),
     "layers past the model": (["--model", "{hf}", "--layers", "1,99"], "outside"),

@@ -153,7 +153,10 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
     out = Path(output or Path("exports") / Path(model).stem).expanduser().resolve()
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {out.parent}: {e.strerror}") from None
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write to {out.parent}")
 

@@ -109,6 +109,8 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, path)
     if path.exists():
         raise UserError(f"{path} is neither a model folder nor a .gguf file")
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model path {path} does not exist")
     if "/" in name and not name.startswith((".", "/", "~")):
         snap = find_in_hf_cache(name)
         if snap is not None:
