@@ -171,9 +171,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         if request.stream:
             self.stream(request)
-        else:
+            return
+        try:
             result = request.run(self.server)
-            self.send_json(200, self.completion(request, result))
+        except Exception as e:  # a failure inside the runtime: the client gets a 500, the server lives on
+            self.send_json(500, {"error": {"message": f"generation failed: {e}", "type": "server_error",
+                                           "param": None, "code": None}})
+            return
+        self.send_json(200, self.completion(request, result))
 
     def completion(self, request: Request, result: Result) -> dict:
         choice = ({"index": 0, "message": {"role": "assistant", "content": result.text},
