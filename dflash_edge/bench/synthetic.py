@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     shape = dict(SHAPES[args.shape])
     full = bool(shape)
-    layers = args.layers or shape.pop("num_hidden_layers", 6)
-    shape.pop("num_hidden_layers", None)
+    layers = shape.pop("num_hidden_layers", 6)
+    layers = args.layers or layers
     if full:  # a 128k-token tokenizer is not needed for speed; ids above the tiny one's are fine
         shape["max_position_embeddings"] = 8192
     save_target(out / "target", "llama", layers=layers, dtype=torch.float16 if full else torch.float32,

@@ -139,7 +139,7 @@ class DFlashModel:
         """Start generate(prompt, ...) on a worker thread and return at once. Bad input raises here,
         before the thread starts; `options` are generate()'s."""
         self.prompt_ids(prompt, options.get("system"), options.get("raw", False))
-        Sampling(options.get("temperature", 0.0), options.get("top_k", 0), options.get("top_p", 1.0)).check()
+        Sampling(**{k: options[k] for k in ("temperature", "top_k", "top_p", "seed") if k in options}).check()
         return Generation(lambda on_text, cancel: self.generate(prompt, max_new_tokens, on_text=on_text,
                                                                 cancel=cancel, **options),
                           on_text, on_done)

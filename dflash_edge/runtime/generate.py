@@ -145,16 +145,10 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
         # logits[i] is the target's distribution for position start + 1 + i: keep drafts while they
         # equal its choice there; its choice at the first disagreement is the bonus token.
         accepted = 0
-        if sampler.sampling.greedy:
-            choice = np.argmax(logits, axis=-1)
-            while accepted < len(drafts) and drafts[accepted] == choice[accepted]:
-                accepted += 1
-            bonus = int(choice[accepted])
-        else:
-            bonus = sampler.choose(logits[0], start + 1)
-            while accepted < len(drafts) and drafts[accepted] == bonus:
-                accepted += 1
-                bonus = sampler.choose(logits[accepted], start + 1 + accepted)
+        bonus = sampler.choose(logits[0], start + 1)
+        while accepted < len(drafts) and drafts[accepted] == bonus:
+            accepted += 1
+            bonus = sampler.choose(logits[accepted], start + 1 + accepted)
         new = drafts[:accepted] + [bonus]
         # The target cache keeps [token] + accepted drafts; the bonus token is fed next round.
         cache.commit(presents, accepted + 1)

@@ -37,7 +37,7 @@ def _field(body: dict, name: str, kind, default=None, check=None):
     if value is None:
         return default
     # bool is an int in Python; JSON true is not a number here.
-    if not isinstance(value, kind) or (kind in (int, float, (int, float)) and isinstance(value, bool)):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise BadRequest(f"'{name}' must be {getattr(kind, '__name__', 'a number')}", name)
     if check and not check(value):
         raise BadRequest(f"'{name}' is out of range: {value!r}", name)
