@@ -273,6 +273,7 @@ def test_jetson_preset_picks_tensorrt_fp16_and_int4_for_large_targets(tmp_path, 
 
 
 def test_an_export_killed_at_any_step_leaves_no_folder_a_runtime_accepts(tmp_path, tiny_llama):
+    import shutil
     import signal
     import subprocess
     import sys
@@ -291,8 +292,12 @@ def test_an_export_killed_at_any_step_leaves_no_folder_a_runtime_accepts(tmp_pat
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait()
-        assert proc.returncode == -signal.SIGKILL, f"the export finished before step {step}"
-        assert not out.exists()
+        if out.exists():
+            # Step 6 takes milliseconds: the kill may land after the rename, and then the folder is whole.
+            assert step == 6 and read_manifest(out) and ExportedModel(out).has_drafter
+            shutil.rmtree(out)
+        else:
+            assert proc.returncode == -signal.SIGKILL, f"the export finished before step {step}"
         for left in tmp_path.iterdir():
             with pytest.raises(UserError):
                 read_manifest(left)
