@@ -13,9 +13,12 @@ MANIFEST_NAME = "dflash_edge.json"
 FORMAT_NAME = "dflash-edge"
 # 2: present.* holds the new positions only; the runtime owns the cache buffer (1: past + new).
 # 3: value caches are stored transposed, [1, kv, d, slots], so attention streams the cache once.
-FORMAT_VERSION = 3
+# 4: the graphs write new K/V into the cache buffers themselves (slot = position), bound in place, and the
+#    target returns its argmax: on a GPU the caches never leave the device.
+FORMAT_VERSION = 4
 OLDER_FORMATS = {1: "whose graphs copy the whole KV cache every step",
-                 2: "whose attention reads the KV cache more than once per step"}
+                 2: "whose attention reads the KV cache more than once per step",
+                 3: "whose KV caches are written by the host, which keeps them off the GPU"}
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

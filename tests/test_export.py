@@ -13,7 +13,7 @@ from dflash_edge.runtime.model import ExportedModel
 def test_manifest_describes_the_folder(tiny):
     _, _, out = tiny
     m = json.loads((out / "dflash_edge.json").read_text())
-    assert m["format_version"] == 3
+    assert m["format_version"] == 4
     assert m["target"]["graph"] == "target.onnx"
     assert all(v["ok"] for v in m["export"]["validation"].values())
     assert m["stop_token_ids"] == [2]
@@ -29,14 +29,14 @@ def test_graph_io_follows_the_llm_convention(tiny):
     graph = onnx.load(str(out / "target.onnx"), load_external_data=False).graph
     inputs = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
-    assert inputs[:3] == ["input_ids", "position_ids", "attention_mask"]
+    assert inputs[:3] == ["input_ids", "position_ids", "logits_index"]
     assert "past_key_values.0.key" in inputs and "past_key_values.5.value" in inputs
     # Keys [b, kv, slots, d]; values stored transposed, [b, kv, d, slots], so attention streams the cache.
     dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     key, value = dims["past_key_values.0.key"], dims["past_key_values.0.value"]
     assert isinstance(key[2], str) and isinstance(key[3], int)
     assert isinstance(value[2], int) and isinstance(value[3], str) and value[2] == key[3]
-    assert outputs[:2] == ["logits", "aux_hidden_states"]
+    assert outputs[:3] == ["logits", "next_token_ids", "aux_hidden_states"]
     assert "present.0.key" in outputs and "present.5.value" in outputs
 
 
@@ -54,8 +54,9 @@ def test_prefill_computes_logits_only_where_asked(tiny):
     _, _, out = tiny
     model = ExportedModel(out, load_drafter=False)
     cache = model.new_target_cache()
-    logits, taps, _ = model.run_target(list(range(5, 25)), cache, last_only=True)
-    assert logits.shape[0] == 1 and taps.shape[0] == 20
+    step = model.run_target(list(range(5, 25)), cache, last_only=True, logits=True, taps=True)
+    assert step.logits.shape[0] == 1 and step.taps.shape()[:2] == [1, 20]
+    assert step.next_ids.tolist() == [int(step.logits[0].argmax())]
 
 
 def _hf_greedy(hf_dir, prompt_ids, n):
@@ -86,7 +87,7 @@ def test_taps_are_outputs_of_the_listed_blocks(tiny):
     hf_dir, _, out = tiny
     model = ExportedModel(out, load_drafter=False)
     ids = model.tokenizer.encode("the dog sat on the big mat")
-    _, taps, _ = model.run_target(ids, model.new_target_cache(), last_only=True)
+    taps = model.run_target(ids, model.new_target_cache(), last_only=True, taps=True).taps.numpy()[0]
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         hs = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
@@ -156,7 +157,6 @@ def test_reduced_draft_vocabulary_scores_only_its_tokens_and_stays_lossless(tiny
     from dflash_edge.export.drafter import write_draft_vocab
     from dflash_edge.export.pipeline import export
     from dflash_edge.runtime.generate import generate
-    from dflash_edge.runtime.model import DraftCache
 
     hf, drafter, _ = tiny_llama
     with_vocab = shutil.copytree(drafter, tmp_path / "drafter")
@@ -173,9 +173,9 @@ def test_reduced_draft_vocabulary_scores_only_its_tokens_and_stays_lossless(tiny
     assert model.manifest["drafter"]["draft_vocab_size"] == 16
     model.stop_token_ids = set()
     ids = model.tokenizer.encode("the cat sat on the mat")
-    _, taps, _ = model.run_target(ids, model.new_target_cache(), last_only=True)
-    cache = DraftCache()
-    cache.append(model.project_context(taps, 0))
+    taps = model.run_target(ids, model.new_target_cache(), last_only=True, taps=True).taps
+    cache = model.new_draft_cache()
+    model.project_context([(taps, len(ids))], cache)
     assert set(model.draft(5, len(ids), 16, cache)) <= set(keep[:16])
     plain = generate(model, ids, 40, block_size=1)[0]
     assert generate(model, ids, 40, block_size=8)[0] == plain

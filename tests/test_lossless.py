@@ -4,7 +4,8 @@ import random
 import pytest
 
 from dflash_edge.runtime.generate import generate
-from dflash_edge.runtime.model import ExportedModel, TargetCache
+from dflash_edge.runtime.cache import KVCache
+from dflash_edge.runtime.model import ExportedModel
 
 PROMPTS = ["hi", "the cat sat on the mat", "def sort list : return list . sort ( ) and print the big red list " * 3]
 
@@ -103,9 +104,9 @@ def test_each_committed_token_is_projected_once(llama, monkeypatch):
     calls = []
     original = llama.project_context
 
-    def spy(taps, start):
-        calls.append((start, len(taps)))
-        return original(taps, start)
+    def spy(pending, cache):
+        calls.append((cache.length, sum(keep for _, keep in pending)))
+        return original(pending, cache)
     monkeypatch.setattr(llama, "project_context", spy)
     out, _ = generate(llama, ids, 30, block_size=4)
     position = 0
@@ -115,6 +116,36 @@ def test_each_committed_token_is_projected_once(llama, monkeypatch):
     # Everything committed before the last round was projected: the prompt and all tokens but the newest.
     assert position >= len(ids)
     assert position <= len(ids) + len(out) - 1
+
+
+def test_device_path_is_lossless_on_the_cpu(llama, monkeypatch):
+    """What differs on a GPU, run here: caches reserved for the whole generation up front, and each round's
+    taps projected whole (rejected rows included, overwritten by the next round) instead of joined."""
+    monkeypatch.setattr(llama, "on_host", False)
+    ids = llama.tokenizer.encode(PROMPTS[2])
+    reference = plain(llama, ids, 50)
+    for block in (None, 4, 16):
+        assert generate(llama, ids, 50, block_size=block)[0] == reference
+    got, _ = generate(llama, ids, 50, block_size=8, draft_fn=oracle(reference, len(ids), corrupt=0.3))
+    assert got == reference
+
+
+def test_graphs_write_the_caches_in_place(llama):
+    """A step copies no cache: the graph's present outputs are the cache's own memory."""
+    ids = llama.tokenizer.encode(PROMPTS[1])
+    cache = llama.new_target_cache(len(ids) + 8)
+    before = [v.data_ptr() for v in cache.values]
+    llama.prefill(ids, cache)
+    step = llama.run_target([5, 6, 7], cache, last_only=False, taps=True)
+    assert [v.data_ptr() for v in cache.values] == before
+    keys, values = cache._host[0], cache._host[1]
+    assert keys[0, :, len(ids):len(ids) + 3].any() and values[0, :, :, len(ids):len(ids) + 3].any()
+    assert not keys[0, :, len(ids) + 3:].any(), "nothing written past the new positions"
+    draft_cache = llama.new_draft_cache(len(ids) + 8)
+    before = [v.data_ptr() for v in draft_cache.values]
+    llama.project_context([(step.taps, 2)], draft_cache)
+    assert [v.data_ptr() for v in draft_cache.values] == before and draft_cache.length == 2
+    assert draft_cache._host[0][0, :, :3].any() and not draft_cache._host[0][0, :, 3:].any()
 
 
 def test_qwen3_drafter_is_lossless(tiny_qwen3):
@@ -138,17 +169,17 @@ def test_per_round_block_choice_is_lossless(llama, prompt):
 
 
 def test_cache_grows_past_its_chunks_without_changing_the_output(llama):
-    """Rollbacks and buffer growth (every TargetCache.CHUNK positions) across a long reply."""
+    """Rollbacks and buffer growth (every KVCache.CHUNK positions) across a long reply."""
     ids = llama.tokenizer.encode(PROMPTS[2])
-    n = 2 * TargetCache.CHUNK + 5
+    n = 2 * KVCache.CHUNK + 5
     reference = plain(llama, ids, n)
     got, _ = generate(llama, ids, n, block_size=8, draft_fn=oracle(reference, len(ids), corrupt=0.3))
     assert got == reference
     cache = llama.new_target_cache()
-    _, _, presents = llama.run_target(ids, cache, last_only=True)
-    cache.commit(presents, len(ids))
-    assert cache.length == len(ids) and cache.capacity % TargetCache.CHUNK == 0
-    _, _, presents = llama.run_target([1, 2, 3], cache, last_only=False)
-    cache.commit(presents, 1)  # two rejected drafts: only the first new position is kept
+    llama.run_target(ids, cache, last_only=True)
+    cache.commit(len(ids))
+    assert cache.length == len(ids) and cache.capacity % KVCache.CHUNK == 0
+    llama.run_target([1, 2, 3], cache, last_only=False)
+    cache.commit(1)  # two rejected drafts: only the first new position is kept
     keys, _ = cache.layer(0)
     assert keys.shape[2] == len(ids) + 1

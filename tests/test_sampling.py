@@ -53,7 +53,7 @@ def prompt(model):
 
 
 def test_sampler_draws_from_the_target_distribution(model):
-    logits, _ = model.prefill(prompt(model), model.new_target_cache())
+    logits = model.prefill(prompt(model), model.new_target_cache(), logits=True)[0].logits
     sampling = Sampling(temperature=1.5)
     ids, p = Sampler(sampling).probabilities(logits[-1])
     n = 4000

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .modeling import DecoderLayer, DecoderSpec, RMSNorm, Rotary, attend, lm_head
+from .modeling import DecoderLayer, DecoderSpec, RMSNorm, Rotary, attend, attend_cached, lm_head, write_slots
 
 
 def default_tap_layer_ids(num_target_layers: int, num_taps: int = 5) -> list[int]:
@@ -230,6 +230,37 @@ class DFlashDrafter(nn.Module):
             k = torch.cat([context[2 * i], k], dim=2)
             v = torch.cat([context[2 * i + 1], v], dim=2)
             x = x + attn.output(attend(q, k, v, bias))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def context_into(self, target_hidden: torch.Tensor, position_ids: torch.Tensor,
+                     cache: list[torch.Tensor]) -> list[torch.Tensor]:
+        """context_kv written into a draft cache buffer (per layer keys [1, kv, slots, d], values stored
+        transposed [1, kv, d, slots]) at slots position_ids, as the exported context graph does in place."""
+        new = self.context_kv(target_hidden, position_ids)
+        positions = position_ids[0]
+        out = []
+        for i in range(0, len(new), 2):
+            out.append(write_slots(cache[i], new[i], positions, 2))
+            out.append(write_slots(cache[i + 1], new[i + 1].transpose(-1, -2), positions, 3))
+        return out
+
+    def block_hidden_in_buffer(self, block_embeds: torch.Tensor, position_ids: torch.Tensor,
+                               cache: list[torch.Tensor]) -> torch.Tensor:
+        """block_hidden over a draft cache buffer: context slots before the block's first position are
+        visible, later ones (stale rows of rejected drafts) are not; the block sees itself in full."""
+        x = block_embeds
+        block = x.shape[1]
+        cos, sin = self.rotary(position_ids, x.dtype)
+        slots = torch.arange(cache[0].shape[2], device=x.device)
+        context = torch.where(slots < position_ids[0, :1], 0.0, torch.finfo(torch.float32).min)
+        bias = torch.cat([context.expand(block, -1), torch.zeros(block, block, device=x.device)], dim=-1)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            attn = layer.self_attn
+            q = attn.project_q(h, cos, sin)
+            k, v = attn.project_kv(h, cos, sin)
+            x = x + attn.output(attend_cached(q, cache[2 * i], cache[2 * i + 1], k, v, bias[None, None]))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 

@@ -125,6 +125,34 @@ def attend_cached(q: torch.Tensor, past_k: torch.Tensor, past_vt: torch.Tensor, 
     return out.reshape(b, h, s, d)
 
 
+def write_slots(buffer: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
+    """buffer with `new` written at cache slots `positions` [s] along `axis` (slot i holds position i).
+
+    Exports as ScatterElements, which ONNX Runtime runs in place when the runtime binds the graph's output to
+    the input's memory: a step writes its s new rows and copies nothing else.
+    """
+    shape = [1] * new.dim()
+    shape[axis] = -1
+    return buffer.scatter(axis, positions.reshape(shape).expand_as(new), new)
+
+
+def attend_buffer(q: torch.Tensor, keys: torch.Tensor, values_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention over a whole cache buffer that already holds the new positions' K/V.
+
+    q: [b, h, s, d]; keys: [b, kv, slots, d]; values_t: [b, kv, d, slots] (stored transposed); bias: additive
+    [b, 1, s, slots]. Same folding of query heads into KV groups, and the same cache-on-the-left products,
+    as attend_cached.
+    """
+    b, h, s, d = q.shape
+    kv, slots = keys.shape[1], keys.shape[2]
+    groups = h // kv
+    qg = q.reshape(b, kv, groups * s, d)
+    scores = torch.matmul(keys, qg.transpose(-1, -2)).transpose(-1, -2).float() * (d ** -0.5)
+    scores = scores.view(b, kv, groups, s, slots) + bias[:, :, None]
+    probs = torch.softmax(scores, dim=-1).to(values_t.dtype).view(b, kv, groups * s, slots)
+    return torch.matmul(values_t, probs.transpose(-1, -2)).transpose(-1, -2).reshape(b, h, s, d)
+
+
 def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[b, k, H] x [V, H] -> [b, k, V] fp32.
 
@@ -198,6 +226,18 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v.transpose(-1, -2)
 
+    def forward_in_buffer(self, x, cos, sin, keys, values_t, positions, bias):
+        """Causal step over a cache buffer: writes the new positions' K/V into it (slot = position) and
+        attends over the updated buffer. Returns the hidden state and the updated keys and values."""
+        h = self.input_layernorm(x)
+        q = self.self_attn.project_q(h, cos, sin)
+        k, v = self.self_attn.project_kv(h, cos, sin)
+        keys = write_slots(keys, k, positions, 2)
+        values_t = write_slots(values_t, v.transpose(-1, -2), positions, 3)
+        x = x + self.self_attn.output(attend_buffer(q, keys, values_t, bias))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, keys, values_t
+
 
 class TargetModel(nn.Module):
     """The target LLM as traced: one graph for prefill and verify.
@@ -249,18 +289,55 @@ class TargetModel(nn.Module):
         bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)
 
         taps, present = [], []
-        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, past[2 * i], past[2 * i + 1], bias)
             present += [k, v]
-            if i in self.tap_layer_ids:
-                # HF's hidden_states[L] (tap id L-1) is taken after the final norm; match it exactly.
-                taps.append(self.norm(x) if i == last else x)
+            self._tap(i, x, taps)
+        h = self.norm(x.index_select(1, logits_index))
+        return (lm_head(h, self.head_weight()), self._pack_taps(taps), *present)
+
+    def _tap(self, i: int, x: torch.Tensor, taps: list) -> None:
+        if i in self.tap_layer_ids:
+            # HF's hidden_states[L] (tap id L-1) is taken after the final norm; match it exactly.
+            taps.append(self.norm(x) if i == len(self.layers) - 1 else x)
+
+    def _pack_taps(self, taps: list) -> torch.Tensor:
         # Taps in list order, each the output of decoder block l (HF hidden_states[l + 1]).
         by_id = dict(zip(sorted(set(self.tap_layer_ids)), taps))
-        aux = torch.cat([by_id[i] for i in self.tap_layer_ids], dim=-1).float()
-        h = self.norm(x.index_select(1, logits_index))
-        return (lm_head(h, self.head_weight()), aux, *present)
+        return torch.cat([by_id[i] for i in self.tap_layer_ids], dim=-1).float()
+
+
+class BufferedTarget(nn.Module):
+    """The target as exported (graph format 4): batch 1, the cache written in place.
+
+    forward(input_ids [1,s], position_ids [1,s], logits_index [k], *cache)
+      -> logits [1,k,vocab] fp32, next_token_ids [1,k] (their argmax), aux_hidden_states [1,s,n_taps*hidden],
+         *cache with the s new positions written at slots position_ids
+    The cache is addressed by position: slot i holds position i, and a query at position p sees slots
+    0..p. Slots past the committed length hold stale K/V of rejected drafts, which the next step's writes
+    overwrite before any query can see them; so rollback is the caller lowering its length, and the
+    caller binds each present output to its past input's memory so that nothing is copied.
+    """
+
+    def __init__(self, target: TargetModel):
+        super().__init__()
+        self.target = target
+
+    def forward(self, input_ids, position_ids, logits_index, *cache):
+        t = self.target
+        x = t.embed_tokens(input_ids)
+        cos, sin = t.rotary(position_ids, x.dtype)
+        positions = position_ids[0]
+        slots = torch.arange(cache[0].shape[2], device=x.device)
+        visible = slots[None, :] <= positions[:, None]
+        bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
+        taps, updated = [], []
+        for i, layer in enumerate(t.layers):
+            x, keys, values_t = layer.forward_in_buffer(x, cos, sin, cache[2 * i], cache[2 * i + 1], positions, bias)
+            updated += [keys, values_t]
+            t._tap(i, x, taps)
+        logits = lm_head(t.norm(x.index_select(1, logits_index)), t.head_weight())
+        return (logits, logits.argmax(-1), t._pack_taps(taps), *updated)
 
 
 def load_target_from_hf(hf_model, tap_layer_ids: list[int], qk_norm: bool,

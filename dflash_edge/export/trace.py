@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .modeling import TargetModel
+from .modeling import BufferedTarget, TargetModel
 
 OPSET = 18
 # External data is required past protobuf's 2 GB limit; below it a single file loads faster.
@@ -15,36 +15,33 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 
 
 def target_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "position_ids", "attention_mask", "logits_index"]
-    outputs = ["logits", "aux_hidden_states"]
+    inputs = ["input_ids", "position_ids", "logits_index"]
+    outputs = ["logits", "next_token_ids", "aux_hidden_states"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
     return inputs, outputs
 
 
-def _example_target_inputs(model: TargetModel, seq: int = 3, past: int = 4):
+def _example_target_inputs(model: TargetModel, seq: int = 3, past: int = 4, slots: int = 9):
     dtype = model.embed_tokens.weight.dtype
     vocab = model.embed_tokens.num_embeddings
-    kv = [torch.randn(shape, dtype=dtype) for shape in model.cache_shapes(1, past)]
+    kv = [torch.randn(shape, dtype=dtype) for shape in model.cache_shapes(1, slots)]
     return (
         torch.randint(0, vocab, (1, seq)),
         torch.arange(past, past + seq)[None],
-        torch.ones(1, past + seq, dtype=torch.int64),
         torch.arange(seq, dtype=torch.int64),
         *kv,
     )
 
 
 def export_target(model: TargetModel, path: Path) -> dict:
-    """Write target.onnx; returns the IO names for the manifest."""
+    """Write target.onnx (BufferedTarget: batch 1, the cache written in place); returns the IO names."""
     inputs, outputs = target_io_names(model.spec.num_layers)
-    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    total, kept = torch.export.Dim("total"), torch.export.Dim("kept")
-    shapes = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: total}, {0: kept}]
-    shapes.append(tuple(axes for _ in range(model.spec.num_layers)
-                        for axes in ({0: batch, 2: past}, {0: batch, 3: past})))  # *past: keys, values
-    _export(model, _example_target_inputs(model), path, inputs, outputs, shapes)
+    seq, slots, kept = torch.export.Dim("seq"), torch.export.Dim("slots"), torch.export.Dim("kept")
+    shapes = [{1: seq}, {1: seq}, {0: kept}]
+    shapes.append(tuple(axes for _ in range(model.spec.num_layers) for axes in ({2: slots}, {3: slots})))
+    _export(BufferedTarget(model), _example_target_inputs(model), path, inputs, outputs, shapes)
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -67,18 +64,20 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes)
 
 
 class DrafterContextGraph(torch.nn.Module):
-    """target_hidden [b,n,n_taps*H] fp32, position_ids [b,n] -> context.{i}.key|value [b,kv,n,d]."""
+    """target_hidden [1,n,n_taps*H] fp32, position_ids [1,n], *past_context -> *present_context: the draft
+    cache buffers with the n positions' context K/V written at slots position_ids (in place when bound)."""
 
     def __init__(self, drafter):
         super().__init__()
         self.drafter = drafter
 
-    def forward(self, target_hidden, position_ids):
-        return tuple(self.drafter.context_kv(target_hidden, position_ids))
+    def forward(self, target_hidden, position_ids, *past_context):
+        return tuple(self.drafter.context_into(target_hidden, position_ids, list(past_context)))
 
 
 class DrafterBlockGraph(torch.nn.Module):
-    """input_ids [b,B], position_ids [b,B], *past_context -> draft_ids [b,B-1] (argmax in the graph).
+    """input_ids [1,B], position_ids [1,B], *past_context -> draft_ids [1,B-1] (argmax in the graph).
+    The draft cache buffer's slots before position_ids[0] are the context; later ones are ignored.
 
     The embedding and LM head are parameters named as in the target graph (embed_tokens.weight,
     lm_head.weight), so the runtime can hand both sessions one shared copy. With draft_vocab (target ids),
@@ -106,7 +105,7 @@ class DrafterBlockGraph(torch.nn.Module):
         x = self.embed_tokens(input_ids)
         if d.config.input_embedding_scale != 1.0:
             x = x * d.config.input_embedding_scale
-        hidden = d.block_hidden(x.to(d.fc.weight.dtype), position_ids, list(past_context))
+        hidden = d.block_hidden_in_buffer(x.to(d.fc.weight.dtype), position_ids, list(past_context))
         if self.reduced:
             return self.draft_to_target[d.logits(hidden[:, 1:], self.draft_head).argmax(-1)]
         head = self.embed_tokens.weight if self.tied else self.lm_head.weight
@@ -114,33 +113,35 @@ class DrafterBlockGraph(torch.nn.Module):
 
 
 def drafter_io_names(num_layers: int) -> dict:
-    ctx_out, blk_in = [], ["input_ids", "position_ids"]
+    past, present = [], []
     for i in range(num_layers):
-        ctx_out += [f"context.{i}.key", f"context.{i}.value"]
-        blk_in += [f"past_context.{i}.key", f"past_context.{i}.value"]
+        past += [f"past_context.{i}.key", f"past_context.{i}.value"]
+        present += [f"present_context.{i}.key", f"present_context.{i}.value"]
     return {
-        "context": {"inputs": ["target_hidden", "position_ids"], "outputs": ctx_out},
-        "block": {"inputs": blk_in, "outputs": ["draft_ids"]},
+        "context": {"inputs": ["target_hidden", "position_ids", *past], "outputs": present},
+        "block": {"inputs": ["input_ids", "position_ids", *past], "outputs": ["draft_ids"]},
     }
+
+
+def draft_cache_shapes(cfg, slots: int) -> list[tuple[int, ...]]:
+    kv, d = cfg.num_key_value_heads, cfg.head_dim
+    return [shape for _ in range(cfg.num_hidden_layers) for shape in ((1, kv, slots, d), (1, kv, d, slots))]
 
 
 def export_drafter(drafter, embed_weight, head_weight, tied: bool, context_path: Path, block_path: Path,
                    draft_vocab: list[int] | None = None) -> dict:
     cfg = drafter.config
     names = drafter_io_names(cfg.num_hidden_layers)
-    batch, n = torch.export.Dim("batch"), torch.export.Dim("ctx_new")
-    feats = torch.randn(1, 5, len(cfg.target_layer_ids) * cfg.hidden_size)
-    _export(DrafterContextGraph(drafter), (feats, torch.arange(5)[None]), context_path,
-            names["context"]["inputs"], names["context"]["outputs"], [{0: batch, 1: n}, {0: batch, 1: n}])
-
-    block, ctx = torch.export.Dim("block"), torch.export.Dim("ctx")
     dtype = drafter.fc.weight.dtype
-    past = [torch.randn(1, cfg.num_key_value_heads, 7, cfg.head_dim, dtype=dtype)
-            for _ in range(2 * cfg.num_hidden_layers)]
+    n, block, slots = torch.export.Dim("ctx_new"), torch.export.Dim("block"), torch.export.Dim("slots")
+    cache_axes = tuple(axes for _ in range(cfg.num_hidden_layers) for axes in ({2: slots}, {3: slots}))
+    cache = [torch.randn(shape, dtype=dtype) for shape in draft_cache_shapes(cfg, 12)]
+    feats = torch.randn(1, 5, len(cfg.target_layer_ids) * cfg.hidden_size)
+    _export(DrafterContextGraph(drafter), (feats, torch.arange(2, 7)[None], *cache), context_path,
+            names["context"]["inputs"], names["context"]["outputs"], [{1: n}, {1: n}, cache_axes])
+
     ids = torch.tensor([[1] + [cfg.mask_token_id] * 3])
     graph = DrafterBlockGraph(drafter, embed_weight.to(dtype), head_weight.to(dtype), tied, draft_vocab)
-    _export(graph, (ids, torch.arange(7, 11)[None], *past), block_path,
-            names["block"]["inputs"], names["block"]["outputs"],
-            [{0: batch, 1: block}, {0: batch, 1: block},
-             tuple({0: batch, 2: ctx} for _ in range(2 * cfg.num_hidden_layers))])
+    _export(graph, (ids, torch.arange(7, 11)[None], *cache), block_path,
+            names["block"]["inputs"], names["block"]["outputs"], [{1: block}, {1: block}, cache_axes])
     return names

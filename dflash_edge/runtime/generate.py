@@ -17,10 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from ..errors import UserError
-from .model import DraftCache, ExportedModel
+from .model import ExportedModel
 from .policy import BlockPolicy
 from .sampling import Sampler, Sampling
 
@@ -106,15 +104,20 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
     use_drafter = block_size > 1 and draft_fn is None
 
     t0 = time.perf_counter()
-    cache = model.new_target_cache()
-    logits, taps = model.prefill(prompt_ids, cache)
-    token = sampler.choose(logits[-1], len(prompt_ids))
+    # On a device the caches cannot grow cheaply: reserve the whole generation (a round verifies at most
+    # `top` positions past the last kept one). On the host they grow as they fill.
+    top = model.block_size if policy else block_size
+    room = len(prompt_ids) + (0 if model.on_host else max_new_tokens + top)
+    cache = model.new_target_cache(room)
+    greedy = sampler.sampling.greedy
+    first, pending = model.prefill(prompt_ids, cache, logits=not greedy, taps=use_drafter)
+    token = int(first.next_ids[-1]) if greedy else sampler.choose(first.logits[-1], len(prompt_ids))
     out = [token]
     stats.ttft_s = time.perf_counter() - t0
     emit([token])
 
-    draft_cache = DraftCache()
-    pending = [taps] if use_drafter else []  # features of committed tokens not yet in the draft cache
+    # pending: (taps, kept rows) of committed tokens not yet in the draft cache.
+    draft_cache = model.new_draft_cache(room) if use_drafter else None
     start = len(prompt_ids)   # position of `token`, which the target has not seen yet
     finish = "stop" if token in stops else ""
     t_decode = time.perf_counter()
@@ -130,7 +133,7 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
             t = time.perf_counter()
             if use_drafter:
                 # Projection waits for a round that drafts: plain rounds skip the drafter entirely.
-                draft_cache.append(model.project_context(np.concatenate(pending), draft_cache.length))
+                model.project_context(pending, draft_cache)
                 pending = []
                 drafts = model.draft(token, start, block, draft_cache)
                 if rewrite_drafts is not None:
@@ -140,20 +143,23 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
             stats.draft_s += time.perf_counter() - t
 
         t = time.perf_counter()
-        logits, taps, presents = model.run_target([token] + drafts, cache, last_only=False)
+        step = model.run_target([token] + drafts, cache, last_only=False, logits=not greedy, taps=use_drafter)
         stats.verify_s += time.perf_counter() - t
-        # logits[i] is the target's distribution for position start + 1 + i: keep drafts while they
-        # equal its choice there; its choice at the first disagreement is the bonus token.
+        # Row i is the target's choice for position start + 1 + i: keep drafts while they equal it; its
+        # choice at the first disagreement is the bonus token.
+        def choice(i: int) -> int:
+            return int(step.next_ids[i]) if greedy else sampler.choose(step.logits[i], start + 1 + i)
+
         accepted = 0
-        bonus = sampler.choose(logits[0], start + 1)
+        bonus = choice(0)
         while accepted < len(drafts) and drafts[accepted] == bonus:
             accepted += 1
-            bonus = sampler.choose(logits[accepted], start + 1 + accepted)
+            bonus = choice(accepted)
         new = drafts[:accepted] + [bonus]
         # The target cache keeps [token] + accepted drafts; the bonus token is fed next round.
-        cache.commit(presents, accepted + 1)
+        cache.commit(accepted + 1)
         if use_drafter:
-            pending.append(taps[: accepted + 1])
+            pending.append((step.taps, accepted + 1))
         start += accepted + 1
         if policy:
             policy.update(block, accepted, time.perf_counter() - t_round)

@@ -1,94 +1,26 @@
 """An exported folder, loaded: the target and drafter sessions and the caches they read and write."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from ..errors import UserError
 from ..manifest import read_manifest
+from .cache import KVCache
 from .providers import PROVIDERS, TRT_PREFILL_CHUNK, provider_options, resolve_providers
 from .session import SharedWeights, default_threads, make_session
 from .tokenizer import Tokenizer
 
 
-class TargetCache:
-    """The target's KV cache: per layer a key buffer [1, kv, capacity, d] and a value buffer stored
-    transposed, [1, kv, d, capacity], both read in place by the graph (see export.modeling.attend_cached).
-
-    The graph returns K/V for the new positions only, in the same layouts; commit() writes the kept ones
-    after the filled slots, so a decode step copies a few rows instead of the whole cache, and rollback is
-    a length. The capacity grows in CHUNK-slot steps (the attention reads at most CHUNK - 1 empty slots,
-    which the attention mask hides).
-    """
-
-    CHUNK = 128
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype):
-        self.dtype = dtype
-        key, value = (1, num_kv_heads, 0, head_dim), (1, num_kv_heads, head_dim, 0)
-        self.buffers = [np.zeros(shape, dtype=dtype) for _ in range(num_layers) for shape in (key, value)]
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.buffers[0].shape[2]
-
-    @staticmethod
-    def _slots(i: int, start: int, end: int) -> tuple:
-        """Index of cache slots start..end in buffer i (keys hold slots on axis 2, values on axis 3)."""
-        return (slice(None),) * (2 + i % 2) + (slice(start, end),)
-
-    def reserve(self, n: int) -> None:
-        """Make room for n positions after the filled ones."""
-        need = self.length + n
-        if need <= self.capacity:
-            return
-        capacity = -(-need // self.CHUNK) * self.CHUNK
-        grown = []
-        for i, old in enumerate(self.buffers):
-            shape = list(old.shape)
-            shape[2 + i % 2] = capacity
-            # Zeros, not np.empty: masked slots must hold finite values, or 0 * NaN poisons the attention.
-            new = np.zeros(shape, dtype=self.dtype)
-            filled = self._slots(i, 0, self.length)
-            new[filled] = old[filled]
-            grown.append(new)
-        self.buffers = grown
-
-    def feeds(self, names: list[str], n: int) -> dict:
-        """Graph inputs for n new positions: the buffers and the mask of filled slots (+ the new ones)."""
-        mask = np.zeros((1, self.capacity + n), dtype=np.int64)
-        mask[0, :self.length] = 1
-        mask[0, self.capacity:] = 1
-        return {"attention_mask": mask, **dict(zip(names, self.buffers))}
-
-    def commit(self, presents: list[np.ndarray], keep: int) -> None:
-        """Keep the first `keep` new positions the graph returned (the rest were rejected drafts)."""
-        self.reserve(keep)
-        for i, (buf, new) in enumerate(zip(self.buffers, presents)):
-            buf[self._slots(i, self.length, self.length + keep)] = new[self._slots(i, 0, keep)]
-        self.length += keep
-
-    def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Layer i's filled keys [1, kv, length, d] and values [1, kv, length, d] (views)."""
-        keys, values = self.buffers[2 * i], self.buffers[2 * i + 1]
-        return keys[:, :, :self.length], values[..., :self.length].swapaxes(2, 3)
-
-
-class DraftCache:
-    """Per drafter layer, the K/V of committed context tokens. Append-only: it never rolls back."""
-
-    def __init__(self):
-        self.arrays: list[np.ndarray] | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.arrays is None else self.arrays[0].shape[2]
-
-    def append(self, new: list[np.ndarray]) -> None:
-        self.arrays = new if self.arrays is None else [np.concatenate([a, b], axis=2)
-                                                        for a, b in zip(self.arrays, new)]
+@dataclass
+class TargetStep:
+    """What a target call returns to the host: ids always, logits and taps when asked for."""
+    next_ids: np.ndarray               # [k] the argmax of each computed row
+    logits: np.ndarray | None = None   # [k, vocab] (sampling needs them; greedy decoding does not)
+    taps: ort.OrtValue | None = None   # [1, n, F], left where the drafter's graphs read them (the device)
 
 
 class ExportedModel:
@@ -113,10 +45,13 @@ class ExportedModel:
             return make_session(self.folder / graph, providers, self.shared, threads, fallback=fallback, **kwargs)
 
         self.target = session(self.target_info["graph"])
-        self.target_inputs = self.target_info["inputs"]
-        self.target_outputs = self.target_info["outputs"]
-        self.past_names = [n for n in self.target_inputs if n.startswith("past_key_values.")]
+        names = self.target_info["inputs"]
+        self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        self.present_names = [n for n in self.target_info["outputs"] if n.startswith("present.")]
         self.kv_dtype = np.float16 if self.target_info["dtype"] == "fp16" else np.float32
+        # Where the caches and the taps live: device memory under CUDA and TensorRT, else host memory.
+        self.device = "cuda" if self.providers[0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
+        self.on_host = self.device == "cpu"  # tests set it False to run the device path's logic on the CPU
         self.tokenizer = Tokenizer(self.folder / m["tokenizer"])
         self.stop_token_ids = set(m["stop_token_ids"])
         self.max_context = int(self.target_info["max_context"])
@@ -128,8 +63,8 @@ class ExportedModel:
             # The drafter is small: prepacking its weights buys little and would copy the shared LM head.
             self.drafter_context = session(d["context_graph"], prepack=False, spin=False)
             self.drafter_block = session(d["block_graph"], prepack=False, spin=False)
-            self.context_out = d["io"]["context"]["outputs"]
-            self.block_in = d["io"]["block"]["inputs"]
+            self.context_past = d["io"]["context"]["inputs"][2:]
+            self.context_present = d["io"]["context"]["outputs"]
 
     @property
     def has_drafter(self) -> bool:
@@ -139,53 +74,88 @@ class ExportedModel:
     def block_size(self) -> int:
         return int(self.drafter_info["block_size"]) if self.drafter_info else 1
 
-    def new_target_cache(self) -> TargetCache:
+    def new_target_cache(self, positions: int = 1) -> KVCache:
+        """An empty target cache with room for `positions` (on a device: all a generation will need)."""
         t = self.target_info
-        cache = TargetCache(t["num_layers"], t["num_kv_heads"], t["head_dim"], self.kv_dtype)
-        cache.reserve(1)  # never zero slots: TensorRT's shape profiles start at one chunk
+        cache = KVCache(t["num_layers"], t["num_kv_heads"], t["head_dim"], self.kv_dtype, self.device)
+        cache.reserve(positions)  # never zero slots: TensorRT's shape profiles start at one chunk
         return cache
 
-    def run_target(self, ids: list[int], cache: TargetCache, last_only: bool):
-        """Run ids after the cache's filled positions. Returns (logits [k, V], taps [n, F], presents);
-        cache.commit(presents, keep) then keeps the first `keep` of them."""
+    def new_draft_cache(self, positions: int = 1) -> KVCache:
+        d = self.drafter_info
+        cache = KVCache(d["num_layers"], d["num_kv_heads"], d["head_dim"], self.kv_dtype, self.device)
+        cache.reserve(positions)
+        return cache
+
+    def run_target(self, ids: list[int], cache: KVCache, last_only: bool, logits: bool = False,
+                   taps: bool = False) -> TargetStep:
+        """Run ids at the positions after the cache's committed ones; the graph writes their K/V into the
+        cache, and cache.commit(keep) then keeps the first `keep` of them. Only the ids (and the logits and
+        taps when asked for) come back; the taps stay on the provider's device."""
         n, start = len(ids), cache.length
-        feeds = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
-            "logits_index": np.asarray([n - 1] if last_only else np.arange(n), dtype=np.int64),
-            **cache.feeds(self.past_names, n),
-        }
-        outs = self.target.run(None, feeds)
-        return outs[0][0], outs[1][0], outs[2:]
+        cache.reserve(n)
+        binding = self.target.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
+        binding.bind_cpu_input("logits_index", np.asarray([n - 1] if last_only else np.arange(n), dtype=np.int64))
+        binding.bind_output("next_token_ids", "cpu")
+        if logits:
+            binding.bind_output("logits", "cpu")
+        if taps:
+            binding.bind_output("aux_hidden_states", self.device)
+        cache.bind(binding, self.past_names, self.present_names)
+        self.target.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return TargetStep(next_ids=outs[0].numpy()[0], logits=outs[1].numpy()[0] if logits else None,
+                          taps=outs[1 + logits] if taps else None)
 
-    def prefill(self, ids: list[int], cache: TargetCache) -> tuple[np.ndarray, np.ndarray]:
-        """Run and commit the prompt (in pieces where the provider bounds a call); returns the last
-        position's logits [1, V] and the taps of every prompt position [n, F]."""
+    def prefill(self, ids: list[int], cache: KVCache, logits: bool = False,
+                taps: bool = False) -> tuple[TargetStep, list[tuple[ort.OrtValue, int]]]:
+        """Run and commit the prompt (in pieces where the provider bounds a call). Returns the last
+        position's step and, with taps, every piece's (taps, length) for project_context."""
         step = self.prefill_chunk or len(ids)
-        taps = []
+        pieces = []
         for start in range(0, len(ids), step):
-            logits, piece_taps, presents = self.run_target(ids[start:start + step], cache, last_only=True)
-            cache.commit(presents, len(ids[start:start + step]))
-            taps.append(piece_taps)
-        return logits, taps[0] if len(taps) == 1 else np.concatenate(taps)
+            piece = ids[start:start + step]
+            out = self.run_target(piece, cache, last_only=True, logits=logits, taps=taps)
+            cache.commit(len(piece))
+            if taps:
+                pieces.append((out.taps, len(piece)))
+        return out, pieces
 
-    def project_context(self, taps: np.ndarray, start: int) -> list[np.ndarray]:
-        """Tapped features of committed tokens at positions start.. -> per-layer context K/V."""
-        feeds = {
-            "target_hidden": taps[None].astype(np.float32, copy=False),
-            "position_ids": np.arange(start, start + len(taps), dtype=np.int64)[None],
-        }
-        return self.drafter_context.run(None, feeds)
+    def project_context(self, pending: list[tuple[ort.OrtValue, int]], cache: KVCache) -> None:
+        """Project committed positions into the draft cache, in order: each (taps [1, n, F], keep) writes
+        the context K/V of n tapped positions after the committed ones and commits the first `keep`.
 
-    def draft(self, last_token: int, start: int, block: int, cache: DraftCache) -> list[int]:
-        """Draft block-1 tokens after last_token (at position start) in one drafter pass."""
+        The rows past `keep` (rejected drafts) are written too, where the next entry overwrites them and
+        no draft reads them first: so taps never need cutting on the device. On the host the kept rows
+        are joined into one call instead.
+        """
+        if self.on_host and len(pending) > 1:
+            rows = np.concatenate([taps.numpy()[0, :keep] for taps, keep in pending])
+            pending = [(ort.OrtValue.ortvalue_from_numpy(rows[None]), len(rows))]
+        for taps, keep in pending:
+            n, start = taps.shape()[1], cache.length
+            cache.reserve(n)
+            binding = self.drafter_context.io_binding()
+            binding.bind_ortvalue_input("target_hidden", taps)
+            binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
+            cache.bind(binding, self.context_past, self.context_present)
+            self.drafter_context.run_with_iobinding(binding)
+            cache.commit(keep)
+
+    def draft(self, last_token: int, start: int, block: int, cache: KVCache) -> list[int]:
+        """Draft block-1 tokens after last_token (at position start) in one drafter pass, reading the draft
+        cache's slots before start."""
         ids = [last_token] + [int(self.drafter_info["mask_token_id"])] * (block - 1)
-        feeds = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "position_ids": np.arange(start, start + block, dtype=np.int64)[None],
-        }
-        feeds.update(zip(self.block_in[2:], cache.arrays))
-        return self.drafter_block.run(None, feeds)[0][0].tolist()
+        binding = self.drafter_block.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(start, start + block, dtype=np.int64)[None])
+        for name, value in zip(self.context_past, cache.values):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("draft_ids", "cpu")
+        self.drafter_block.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[0].tolist()
 
     def round_costs(self):
         """Cost of a round per block size in plain decode steps; measured on first use, then kept."""

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .model import DraftCache, ExportedModel
+from .model import ExportedModel
 
 MEASURED_BLOCKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -20,9 +20,9 @@ MEASURED_BLOCKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 def filled_cache(model: ExportedModel, context: int):
     """A target cache holding `context` filler tokens (which ones does not change a cost), and their taps."""
     cache = model.new_target_cache()
-    _, taps, presents = model.run_target([1] * context, cache, last_only=True)
-    cache.commit(presents, context)
-    return cache, taps
+    step = model.run_target([1] * context, cache, last_only=True, taps=model.has_drafter)
+    cache.commit(context)
+    return cache, step.taps
 
 
 def run_times(fn, repeats: int) -> list[float]:
@@ -42,8 +42,8 @@ def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> 
     """
     top = model.block_size
     cache, taps = filled_cache(model, context)
-    draft_cache = DraftCache()
-    draft_cache.append(model.project_context(taps, 0))
+    draft_cache = model.new_draft_cache()
+    model.project_context([(taps, context)], draft_cache)
 
     def best_of(fn) -> float:
         return min(run_times(fn, repeats))  # the least disturbed run: costs are compared, noise only blurs them
@@ -51,7 +51,8 @@ def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> 
     sizes = [b for b in MEASURED_BLOCKS if b < top] + [top]
     seconds = {}
     for b in sizes:
-        verify = best_of(lambda: model.run_target([1] * b, cache, last_only=False))
+        # A drafting round's verify also returns its taps, for the next round's context.
+        verify = best_of(lambda: model.run_target([1] * b, cache, last_only=False, taps=b > 1))
         draft = best_of(lambda: model.draft(1, context, b, draft_cache)) if b > 1 else 0.0
         seconds[b] = verify + draft
     costs = np.interp(np.arange(top + 1), sizes, [seconds[b] / seconds[1] for b in sizes])

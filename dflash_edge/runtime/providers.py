@@ -65,36 +65,40 @@ def _profiles(shapes: dict[str, tuple[tuple, tuple, tuple]]) -> dict[str, str]:
 
 def tensorrt_profiles(manifest: dict, graph: str) -> dict[str, str]:
     """min/opt/max shapes of every dynamic input of one graph of the folder, as TensorRT EP options."""
-    from .model import TargetCache
+    from .cache import KVCache
 
     t, d = manifest["target"], manifest.get("drafter") or {}
     block = int(d.get("block_size", 16))
-    chunk = TargetCache.CHUNK
-    slots = -(-(int(t["max_context"]) + TRT_PREFILL_CHUNK) // chunk) * chunk  # the largest cache buffer
+    chunk = KVCache.CHUNK
+    slots = -(-(int(t["max_context"]) + block) // chunk) * chunk  # the largest cache buffer
     opt = min(TRT_OPT_CONTEXT, int(t["max_context"]))
     prefill = min(TRT_PREFILL_CHUNK, int(t["max_context"]))
+
+    def cache(names, kv, hd):
+        shapes = {}
+        for i, name in enumerate(names):
+            lo, mid, hi = ((1, kv, n, hd) if i % 2 == 0 else (1, kv, hd, n) for n in (chunk, opt, slots))
+            shapes[name] = (lo, mid, hi)
+        return shapes
+
     if graph == t["graph"]:
-        kv, hd = t["num_kv_heads"], t["head_dim"]
-        shapes = {
+        past = [n for n in t["inputs"] if n.startswith("past_key_values.")]
+        return _profiles({
             "input_ids": ((1, 1), (1, block), (1, prefill)),
             "position_ids": ((1, 1), (1, block), (1, prefill)),
-            "attention_mask": ((1, chunk + 1), (1, opt + block), (1, slots + prefill)),
             "logits_index": ((1,), (block,), (block,)),
-        }
-        for i in range(t["num_layers"]):
-            shapes[f"past_key_values.{i}.key"] = ((1, kv, chunk, hd), (1, kv, opt, hd), (1, kv, slots, hd))
-            shapes[f"past_key_values.{i}.value"] = ((1, kv, hd, chunk), (1, kv, hd, opt), (1, kv, hd, slots))
-        return _profiles(shapes)
-    if graph == d.get("context_graph"):
+            **cache(past, t["num_kv_heads"], t["head_dim"]),
+        })
+    if graph in (d.get("context_graph"), d.get("block_graph")):
+        io = d["io"]["context" if graph == d["context_graph"] else "block"]
+        first = io["inputs"][:2]
         width = len(d["target_layer_ids"]) * t["hidden_size"]
-        return _profiles({"target_hidden": ((1, 1, width), (1, block, width), (1, prefill, width)),
-                          "position_ids": ((1, 1), (1, block), (1, prefill))})
-    if graph == d.get("block_graph"):
-        kv, hd = d["num_kv_heads"], d["head_dim"]
-        shapes = {"input_ids": ((1, 2), (1, block), (1, block)), "position_ids": ((1, 2), (1, block), (1, block))}
-        for name in d["io"]["block"]["inputs"][2:]:
-            shapes[name] = ((1, kv, 1, hd), (1, kv, opt, hd), (1, kv, int(t["max_context"]), hd))
-        return _profiles(shapes)
+        if graph == d["context_graph"]:
+            shapes = {"target_hidden": ((1, 1, width), (1, block, width), (1, prefill, width)),
+                      "position_ids": ((1, 1), (1, block), (1, prefill))}
+        else:
+            shapes = {n: ((1, 2), (1, block), (1, block)) for n in first}
+        return _profiles({**shapes, **cache(io["inputs"][2:], d["num_kv_heads"], d["head_dim"])})
     raise ValueError(f"{graph} is not a graph of this folder")
 
 

@@ -263,7 +263,8 @@ def test_exported_target_matches_reference_target(exported, ref_target):
 
     prompt = PROMPTS[4]
     cache = exported.new_target_cache()
-    logits, taps, _ = exported.run_target(prompt, cache, last_only=False)
+    step = exported.run_target(prompt, cache, last_only=False, logits=True, taps=True)
+    logits, taps = step.logits, step.taps.numpy()[0]
     with torch.no_grad():
         out = ref_target(torch.tensor([prompt]), output_hidden_states=True)
     ref_taps = ref.extract_context_feature(out.hidden_states, TAPS)[0]
@@ -321,14 +322,13 @@ def test_exported_drafter_matches_reference(exported, ref_drafter, ref_target, f
     """The ONNX drafter graphs directly: context K/V projected in two chunks vs the reference's draft cache,
     and the in-graph argmax drafts vs the argmax of the reference's logits."""
     import numpy as np
+    import onnxruntime as ort
 
-    from dflash_edge.runtime.model import DraftCache
-
-    taps = features[0].numpy()
-    ctx = len(taps)
-    cache = DraftCache()
-    cache.append(exported.project_context(taps[:4], 0))
-    cache.append(exported.project_context(taps[4:], 4))
+    taps = features.numpy()
+    ctx = taps.shape[1]
+    cache = exported.new_draft_cache()
+    exported.project_context([(ort.OrtValue.ortvalue_from_numpy(taps[:, :4].copy()), 4)], cache)
+    exported.project_context([(ort.OrtValue.ortvalue_from_numpy(taps[:, 4:].copy()), ctx - 4)], cache)
     compared = 0
     for block in (2, 4, BLOCK):
         block_ids = torch.tensor([[5] + [MASK] * (block - 1)])
@@ -340,8 +340,9 @@ def test_exported_drafter_matches_reference(exported, ref_drafter, ref_target, f
             logits = ref_drafter.compute_logits(hidden, ref_target.lm_head)[0, 1:]
         ref._crop_to(ref_cache, ctx)
         for i, layer in enumerate(ref_cache.layers):
-            assert rel_err(torch.from_numpy(np.asarray(cache.arrays[2 * i])), layer.keys) < RTOL
-            assert rel_err(torch.from_numpy(np.asarray(cache.arrays[2 * i + 1])), layer.values) < RTOL
+            keys, values = cache.layer(i)
+            assert rel_err(torch.from_numpy(np.ascontiguousarray(keys)), layer.keys) < RTOL
+            assert rel_err(torch.from_numpy(np.ascontiguousarray(values)), layer.values) < RTOL
         drafts = exported.draft(5, ctx, block, cache)
         top2 = logits.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 1e-4   # skip near-ties, where fp32 rounding may pick either

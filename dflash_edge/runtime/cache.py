@@ -1,0 +1,75 @@
+"""KV cache buffers that the graphs write in place: one class for the target's cache and the drafter's."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+
+class KVCache:
+    """Per layer a key buffer [1, kv, capacity, d] and a value buffer stored transposed, [1, kv, d, capacity];
+    slot i holds position i.
+
+    The graphs take the buffers as inputs, write the new positions' K/V at their slots and return the
+    buffers as outputs; the runtime binds each output to its input's memory (IOBinding), so a step writes
+    its new rows and copies nothing else, and on a GPU the cache never leaves the device. Attention is
+    masked by position, so what lies past `length` (rows of rejected drafts) is never read before the next
+    step overwrites it: committing raises `length`, rolling back leaves it where it was.
+
+    On the host the buffers are numpy arrays that the OrtValues wrap, grown in CHUNK-slot steps (attention
+    reads the whole capacity, so it stays within CHUNK - 1 slots of what is used). On a device, growing
+    means a round trip through host memory, so a generation reserves what it will need up front.
+    """
+
+    CHUNK = 128
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device: str = "cpu",
+                 device_id: int = 0):
+        self.dtype = np.dtype(dtype)
+        self.device, self.device_id = device, device_id
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.length = 0
+        self.capacity = 0
+        self.values: list[ort.OrtValue] = []
+        self._host: list[np.ndarray] = []  # on the host, the arrays the OrtValues wrap: keep them alive
+
+    def _shape(self, i: int, slots: int) -> tuple[int, ...]:
+        kv, d = self.num_kv_heads, self.head_dim
+        return (1, kv, slots, d) if i % 2 == 0 else (1, kv, d, slots)
+
+    @staticmethod
+    def _slots(i: int, end: int) -> tuple:
+        """Index of slots 0..end in buffer i (keys hold slots on axis 2, values on axis 3)."""
+        return (slice(None),) * (2 + i % 2) + (slice(0, end),)
+
+    def reserve(self, n: int) -> None:
+        """Make room for n positions after the committed ones."""
+        need = self.length + n
+        if need <= self.capacity:
+            return
+        capacity = -(-need // self.CHUNK) * self.CHUNK
+        old = [v.numpy() for v in self.values]  # views on the host, copies from a device
+        # Zeros, not np.empty: masked slots must hold finite values, or 0 * NaN poisons the attention.
+        arrays = [np.zeros(self._shape(i, capacity), dtype=self.dtype) for i in range(2 * self.num_layers)]
+        for i, (new, buf) in enumerate(zip(arrays, old)):
+            new[self._slots(i, self.length)] = buf[self._slots(i, self.length)]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in arrays]
+        self._host = arrays if self.device == "cpu" else []
+        self.capacity = capacity
+
+    def commit(self, keep: int) -> None:
+        """Keep `keep` more positions: the first ones the last call wrote after the committed length."""
+        if self.length + keep > self.capacity:
+            raise ValueError(f"cannot commit {keep} positions: {self.capacity - self.length} were written")
+        self.length += keep
+
+    def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer i's committed keys [1, kv, length, d] and values [1, kv, length, d] (views on the host,
+        copies from a device)."""
+        keys, values = (v.numpy() for v in self.values[2 * i : 2 * i + 2])
+        return keys[:, :, :self.length], values[..., :self.length].swapaxes(2, 3)
+
+    def bind(self, binding: ort.IOBinding, inputs: list[str], outputs: list[str]) -> None:
+        """Feed the buffers to a graph and let it write them in place."""
+        for value, name_in, name_out in zip(self.values, inputs, outputs):
+            binding.bind_ortvalue_input(name_in, value)
+            binding.bind_ortvalue_output(name_out, value)
