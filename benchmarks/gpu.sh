@@ -8,6 +8,7 @@
 #    provider (dflash-bench exits 1 on any mismatch), and tokens/s plain vs DFlash (per-round block, 16).
 # 2. A Llama-3.1-8B-shaped target with random fp16 weights (speed only): plain vs DFlash with oracle drafts
 #    at tau 6.5, the paper's average, i.e. what a drafter of that quality would give on this GPU.
+#    Then a probe: can ONNX Runtime capture and replay the decode step as a CUDA graph ($OUT/cuda_graph.json)?
 # 3. A short table last: speed-ups, and the runtime's overhead against the ideal tau / (verify + draft),
 #    both costs in plain decode steps as measured at start-up. Full results: $OUT/gpu.json.
 #
@@ -64,6 +65,8 @@ else
     "$PY" -m dflash_edge.export.cli --model smollm2-135m --dtype "$DTYPE" --output "$WORK/small/onnx" --force
 fi
 bench smollm2 "$WORK/small/onnx" --block-size auto 16
+# Can ORT replay the decode step as a CUDA graph, and what would it save? (reports "not available" on CPU)
+"$PY" -m dflash_edge.bench.cuda_graph --model "$WORK/small/onnx" --json "$OUT/cuda_graph.json" >&2
 echo "smollm2 stage: $(( $(date +%s) - start )) s" >&2
 
 # 2. The Llama-3.1-8B stand-in: random weights, real shapes, oracle drafts.

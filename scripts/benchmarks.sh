@@ -10,9 +10,10 @@ BIN=${BIN:-.venv/bin}
 OUT=runs/bench
 mkdir -p "$OUT" exports
 
+FORMAT=$("$BIN/python" -c "from dflash_edge.manifest import FORMAT_VERSION; print(FORMAT_VERSION)")
 export_once() {  # folder, extra dflash-export arguments...
     local dir=$1; shift
-    [ -f "$dir/dflash_edge.json" ] && grep -q '"format_version": 3' "$dir/dflash_edge.json" && return
+    [ -f "$dir/dflash_edge.json" ] && grep -q "\"format_version\": $FORMAT" "$dir/dflash_edge.json" && return
     "$BIN/dflash-export" --model smollm2-135m --output "$dir" --force "$@"
 }
 bench_once() {  # name, dflash-bench arguments...

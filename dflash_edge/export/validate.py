@@ -44,7 +44,7 @@ class Report:
         return all(r[3] for r in self.rows)
 
     def lines(self) -> list[str]:
-        return [f"  {'✓' if ok else '✗'} {graph}: {name:<22} {line}" for graph, name, _, ok, line in self.rows]
+        return [f"  {'✓' if ok else '✗'} {graph}: {name:<24} {line}" for graph, name, _, ok, line in self.rows]
 
     def as_dict(self) -> dict:
         return {f"{g}:{n}": {"error": e, "ok": ok} for g, n, e, ok, _ in self.rows}
