@@ -8,7 +8,9 @@
 #    provider (dflash-bench exits 1 on any mismatch), and tokens/s plain vs DFlash (per-round block, 16).
 # 2. A Llama-3.1-8B-shaped target with random fp16 weights (speed only): plain vs DFlash with oracle drafts
 #    at tau 6.5, the paper's average, i.e. what a drafter of that quality would give on this GPU.
-#    Then a probe: can ONNX Runtime capture and replay the decode step as a CUDA graph ($OUT/cuda_graph.json)?
+#    Then two probes: can ONNX Runtime capture and replay the decode step as a CUDA graph
+#    ($OUT/cuda_graph.json)? And, where the TensorRT provider is installed, how long does the first run
+#    take to build engines, and a later one to load them from the cache ($OUT/tensorrt.json)?
 # 3. A short table last: speed-ups, and the runtime's overhead against the ideal tau / (verify + draft),
 #    both costs in plain decode steps as measured at start-up. Full results: $OUT/gpu.json.
 #
@@ -66,7 +68,15 @@ else
 fi
 bench smollm2 "$WORK/small/onnx" --block-size auto 16
 # Can ORT replay the decode step as a CUDA graph, and what would it save? (reports "not available" on CPU)
-"$PY" -m dflash_edge.bench.cuda_graph --model "$WORK/small/onnx" --json "$OUT/cuda_graph.json" >&2
+"$PY" -m dflash_edge.bench.gpu_probes cuda-graph --model "$WORK/small/onnx" --json "$OUT/cuda_graph.json" >&2
+# TensorRT, where the provider is installed: engine build on the first run, engine-cache load after.
+TRT_MODEL="$WORK/small/onnx"
+if "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())"; then
+    TRT_MODEL="$WORK/small/trt"
+    if [ $DRY = 1 ]; then SRC=(--model "$WORK/small/target" --drafter "$WORK/small/drafter"); else SRC=(--model smollm2-135m); fi
+    "$PY" -m dflash_edge.export.cli "${SRC[@]}" --variant tensorrt --dtype fp16 --output "$TRT_MODEL" --force
+fi
+"$PY" -m dflash_edge.bench.gpu_probes tensorrt --model "$TRT_MODEL" --json "$OUT/tensorrt.json" >&2
 echo "smollm2 stage: $(( $(date +%s) - start )) s" >&2
 
 # 2. The Llama-3.1-8B stand-in: random weights, real shapes, oracle drafts.

@@ -23,6 +23,8 @@ def test_gpu_benchmark_dry_run_checks_exactness_and_prints_the_table_last(tmp_pa
     assert all(r["mismatches"] == 0 for r in result["rows"])
     oracle = next(r for r in result["rows"] if r["mode"] == "oracle6.5@16")
     assert oracle["tau"] > 4 and "overhead" in oracle and oracle["ideal_speedup"] > 1
-    # The CUDA graph probe ran and, without CUDA, says why it measured nothing.
+    # The CUDA graph and TensorRT probes ran and, without those providers, say why they measured nothing.
     probe = json.loads((tmp_path / "cuda_graph.json").read_text())
     assert probe["captured"] is False and "not available" in probe["error"]
+    assert json.loads((tmp_path / "tensorrt.json").read_text()) == {
+        "available": False, "why": "TensorrtExecutionProvider is not available in this onnxruntime"}

@@ -71,7 +71,8 @@ def validate_target(folder: Path, manifest: dict, target, report: Report, seed: 
 
     The cache holds the module's own keys and values for its prefix: random-noise caches make attention
     ill-conditioned enough that fp32 alone drifts by 1e-4 from fp64 on some draws. The slots after the new
-    positions hold noise, as stale rows of rejected drafts would: the graph must not read them.
+    positions hold noise, as stale rows of rejected drafts would; logits and taps are checked against the
+    module run on the prefix alone, so reading those slots would show.
     """
     g = torch.Generator().manual_seed(seed)
     vocab = target.embed_tokens.num_embeddings
@@ -86,6 +87,9 @@ def validate_target(folder: Path, manifest: dict, target, report: Report, seed: 
         cache.append(buffer)
     args = (ids, torch.arange(past, past + seq)[None], torch.arange(seq), *cache)
     ref = list(BufferedTarget(target)(*args))
+    # Logits and taps from the module that sees the prefix alone: the stale slots must change nothing.
+    ref[0], ref[2] = target(ids, torch.arange(past, past + seq)[None], torch.ones(1, past + seq, dtype=torch.int64),
+                            torch.arange(seq), *prefix_kv)[:2]
     shared = SharedWeights(folder, manifest.get("shared_weights"))
     session = make_session(folder / manifest["target"]["graph"], ["CPUExecutionProvider"], shared)
     names = manifest["target"]["inputs"]

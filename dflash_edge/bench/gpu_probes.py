@@ -1,27 +1,40 @@
-"""Can ONNX Runtime replay the target's decode step as a CUDA graph here, and what would it save?
+"""Two probes for the GPU script, not part of the loop: what a GPU run should find out besides the tables.
 
-    python -m dflash_edge.bench.cuda_graph --model DIR [--steps 64] [--json PATH]
+    python -m dflash_edge.bench.gpu_probes cuda-graph --model DIR [--json PATH]
+    python -m dflash_edge.bench.gpu_probes tensorrt --model DIR [--json PATH]
 
-A probe for the GPU script, not part of the loop. It decodes the same greedy steps twice after one
-prefill: through the runtime's usual IOBinding path, and through a second target session created with
-`enable_cuda_graph`, every input and output bound to a fixed device buffer (ORT captures on the first
-run and replays after; the inputs change in place). It reports whether ORT accepted the capture (and
-its error when not: a graph whose shape arithmetic ORT places on the CPU cannot be captured), whether
-both paths chose the same tokens, and the median step time of each. On a machine without CUDA it says
-so and exits 0, so the script's dry run passes through it.
+cuda-graph: can ONNX Runtime replay the target's decode step as a CUDA graph here, and what would it save?
+It decodes the same greedy steps twice after one prefill: through the runtime's usual IOBinding path, and
+through a second target session created with `enable_cuda_graph`, every input and output bound to a fixed
+device buffer (ORT captures on the first run and replays after; the inputs change in place). It reports
+whether ORT accepted the capture (and its error when not: a graph whose shape arithmetic ORT places on
+the CPU cannot be captured), whether both paths chose the same tokens, and the median step time of each.
+
+tensorrt: TensorRT's first-run engine build and later engine-cache load. DIR is an export made with
+--variant tensorrt. Each run loads the folder under the TensorRT provider in a fresh process and decodes a
+few tokens (TensorRT may build an engine at load or at the first call): the first run starts from an empty
+engine cache (DFLASH_EDGE_CACHE points at a new folder), the second finds the engines the first one wrote.
+It also reports whether the tokens equal plain CPU decoding of the same export (fp16 kernels differ
+between providers, so a difference there is a fact, not a failure; DFlash's exactness on TensorRT is
+DFlash against plain decoding on TensorRT).
+
+Without the provider a probe needs, it says so and exits 0, so the script's dry run passes through it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 
-def probe(folder: str, steps: int) -> dict:
+def cuda_graph(folder: str, steps: int = 64) -> dict:
     import onnxruntime as ort
 
     from ..runtime.model import ExportedModel
@@ -83,14 +96,49 @@ def probe(folder: str, steps: int) -> dict:
     return result
 
 
+RUN = """
+import sys
+from dflash_edge.runtime.api import DFlashModel
+m = DFlashModel(sys.argv[1], sys.argv[2])
+print(" ".join(map(str, m.generate("Write a haiku about caches.", max_new_tokens=16, block_size=1).token_ids)))
+"""
+
+
+def timed_run(folder: str, provider: str, cache: str) -> tuple[float, list[int]]:
+    env = {**os.environ, "DFLASH_EDGE_CACHE": cache}
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", RUN, folder, provider], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError((out.stderr.strip().splitlines() or ["failed"])[-1])
+    return time.perf_counter() - t, [int(x) for x in out.stdout.split()]
+
+
+def tensorrt(folder: str) -> dict:
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return {"available": False, "why": "TensorrtExecutionProvider is not available in this onnxruntime"}
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            build_s, tokens = timed_run(folder, "tensorrt", cache)
+            load_s, again = timed_run(folder, "tensorrt", cache)
+            _, reference = timed_run(folder, "cpu", cache)
+        except RuntimeError as e:
+            return {"available": True, "error": str(e)}
+    return {"available": True, "first_run_s": round(build_s, 2), "cached_run_s": round(load_s, 2),
+            "same_tokens_as_cpu": tokens == again == reference}
+
+
+PROBES = {"cuda-graph": cuda_graph, "tensorrt": tensorrt}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("probe", choices=sorted(PROBES))
     p.add_argument("--model", required=True, help="an exported folder")
-    p.add_argument("--steps", type=int, default=64)
     p.add_argument("--json", help="write the result here too")
     args = p.parse_args(argv)
-    result = probe(args.model, args.steps)
-    line = json.dumps(result)
+    line = json.dumps(PROBES[args.probe](args.model))
     print(line)
     if args.json:
         with open(args.json, "w") as f:
