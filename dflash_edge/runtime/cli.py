@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     if args.compare:
         del model  # one model in memory at a time; the plain one runs without the drafter sessions
         plain = DFlashModel(args.model, args.provider, bool(args.fallback), args.threads, use_drafter=False)
+        # Warm the fresh session first, as DFlash's start-up cost measurement warmed its own: a session's
+        # first calls are slower, and timing them would flatter DFlash.
+        plain.generate(text, 2, 1, system=args.system, raw=args.raw, **sampling)
         plain = plain.generate(text, args.max_new_tokens, 1, system=args.system, raw=args.raw, **sampling)
     if args.json:
         out = {"text": result.text, "token_ids": result.token_ids, **stats.as_dict()}
