@@ -1,11 +1,12 @@
 """dflash-bench: DFlash against what users would run instead, on the same prompts, in one process.
 
 For every prompt of every dataset, in turn: plain greedy decoding with the exported target (ORT, the
-same session at block size 1, no drafter call), DFlash at each requested block size, DFlash with oracle drafts at each --oracle-tau
-(the real drafter runs; its proposals are replaced so the mean acceptance is tau), and transformers
-`generate` on the same weights when torch is installed. It checks that every DFlash output equals the plain
-output, and reports decode and end-to-end tokens/s, time to first token, speed-ups, tau with its
-histogram and peak memory, as JSON, a markdown table and a plot (speed-up against tau).
+same session at block size 1, no drafter call), DFlash at each requested block size, DFlash with oracle
+drafts at each --oracle-tau (the real drafter runs; its proposals are replaced so the mean acceptance is
+tau), and transformers `generate` on the same weights when torch is installed. It checks that every
+DFlash output equals the plain output, and reports decode and end-to-end tokens/s, time to first token,
+speed-ups, tau with its histogram and peak memory, as JSON, a markdown table and a plot (speed-up
+against tau).
 """
 from __future__ import annotations
 

@@ -130,8 +130,8 @@ SETUPS = [
 
 def ceilings(setup: Setup, module: Module, tau: float) -> tuple[float, float]:
     """Bandwidth-bound tokens/s: plain decoding reads the target and the KV cache once per token; a DFlash
-    round reads them (one verify) and the drafter (one draft) once and yields tau tokens. Compute is assumed to
-    keep up, which holds for a 16-token verify while weights dominate the bytes moved."""
+    round reads them (one verify) and the drafter (one draft) once and yields tau tokens. Compute is
+    assumed to keep up, which holds for a 16-token verify while weights dominate the bytes moved."""
     # On a GPU the runtime reserves a generation's whole length up front and attention reads all of it,
     # masked, every step: a generation that fills the budget's context reads the full cache per token.
     kv_read = setup.kv_gb()

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .modeling import DecoderLayer, DecoderSpec, RMSNorm, Rotary, attend, attend_cached, lm_head, write_slots
+from .modeling import (DecoderLayer, DecoderSpec, RMSNorm, Rotary, attend, attend_cached, cache_shapes, lm_head,
+                       write_slots)
 
 
 def default_tap_layer_ids(num_target_layers: int, num_taps: int = 5) -> list[int]:
@@ -232,6 +233,11 @@ class DFlashDrafter(nn.Module):
             x = x + attn.output(attend(q, k, v, bias))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
+
+    def cache_shapes(self, slots: int) -> list[tuple[int, ...]]:
+        """Shapes of the draft cache buffers the exported graphs read and write (see modeling.cache_shapes)."""
+        c = self.config
+        return cache_shapes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, slots)
 
     def context_into(self, target_hidden: torch.Tensor, position_ids: torch.Tensor,
                      cache: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -125,6 +125,12 @@ def attend_cached(q: torch.Tensor, past_k: torch.Tensor, past_vt: torch.Tensor, 
     return out.reshape(b, h, s, d)
 
 
+def cache_shapes(layers: int, kv_heads: int, head_dim: int, slots: int, batch: int = 1) -> list[tuple[int, ...]]:
+    """A KV cache's buffers, per layer keys [b, kv, slots, d] and values stored transposed, [b, kv, d, slots]."""
+    return [shape for _ in range(layers) for shape in ((batch, kv_heads, slots, head_dim),
+                                                       (batch, kv_heads, head_dim, slots))]
+
+
 def write_slots(buffer: torch.Tensor, new: torch.Tensor, positions: torch.Tensor, axis: int) -> torch.Tensor:
     """buffer with `new` written at cache slots `positions` [s] along `axis` (slot i holds position i).
 
@@ -269,9 +275,8 @@ class TargetModel(nn.Module):
         return self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
 
     def cache_shapes(self, batch: int, slots: int) -> list[tuple[int, ...]]:
-        """Shapes of `past`: per layer keys [b, kv, slots, d] and values stored transposed, [b, kv, d, slots]."""
-        kv, d = self.spec.num_kv_heads, self.spec.head_dim
-        return [shape for _ in self.layers for shape in ((batch, kv, slots, d), (batch, kv, d, slots))]
+        """Shapes of `past` (see cache_shapes)."""
+        return cache_shapes(len(self.layers), self.spec.num_kv_heads, self.spec.head_dim, slots, batch)
 
     def empty_cache(self, batch: int, device=None) -> list[torch.Tensor]:
         dtype = self.embed_tokens.weight.dtype

@@ -123,11 +123,6 @@ def drafter_io_names(num_layers: int) -> dict:
     }
 
 
-def draft_cache_shapes(cfg, slots: int) -> list[tuple[int, ...]]:
-    kv, d = cfg.num_key_value_heads, cfg.head_dim
-    return [shape for _ in range(cfg.num_hidden_layers) for shape in ((1, kv, slots, d), (1, kv, d, slots))]
-
-
 def export_drafter(drafter, embed_weight, head_weight, tied: bool, context_path: Path, block_path: Path,
                    draft_vocab: list[int] | None = None) -> dict:
     cfg = drafter.config
@@ -135,7 +130,7 @@ def export_drafter(drafter, embed_weight, head_weight, tied: bool, context_path:
     dtype = drafter.fc.weight.dtype
     n, block, slots = torch.export.Dim("ctx_new"), torch.export.Dim("block"), torch.export.Dim("slots")
     cache_axes = tuple(axes for _ in range(cfg.num_hidden_layers) for axes in ({2: slots}, {3: slots}))
-    cache = [torch.randn(shape, dtype=dtype) for shape in draft_cache_shapes(cfg, 12)]
+    cache = [torch.randn(shape, dtype=dtype) for shape in drafter.cache_shapes(12)]
     feats = torch.randn(1, 5, len(cfg.target_layer_ids) * cfg.hidden_size)
     _export(DrafterContextGraph(drafter), (feats, torch.arange(2, 7)[None], *cache), context_path,
             names["context"]["inputs"], names["context"]["outputs"], [{1: n}, {1: n}, cache_axes])

@@ -12,7 +12,6 @@ import torch
 
 from ..runtime.session import SharedWeights, make_session
 from .modeling import BufferedTarget
-from .trace import draft_cache_shapes
 
 
 def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
@@ -86,17 +85,17 @@ def validate_target(folder: Path, manifest: dict, target, report: Report, seed: 
         buffer.narrow(2 + i % 2, 0, past).copy_(kv)
         cache.append(buffer)
     args = (ids, torch.arange(past, past + seq)[None], torch.arange(seq), *cache)
-    ref = list(BufferedTarget(target)(*args))
-    # Logits and taps from the module that sees the prefix alone: the stale slots must change nothing.
-    ref[0], ref[2] = target(ids, torch.arange(past, past + seq)[None], torch.ones(1, past + seq, dtype=torch.int64),
-                            torch.arange(seq), *prefix_kv)[:2]
+    # Logits and taps from the module that sees the prefix alone (the stale slots must change nothing),
+    # the written caches from the buffered module.
+    alone = target(ids, torch.arange(past, past + seq)[None], torch.ones(1, past + seq, dtype=torch.int64),
+                   torch.arange(seq), *prefix_kv)
+    ref = [*alone[:2], *BufferedTarget(target)(*args)[3:]]
     shared = SharedWeights(folder, manifest.get("shared_weights"))
     session = make_session(folder / manifest["target"]["graph"], ["CPUExecutionProvider"], shared)
     names = manifest["target"]["inputs"]
     got = dict(zip(manifest["target"]["outputs"], session.run(None, {n: a.numpy() for n, a in zip(names, args)})))
     # The ids the loop decides by must be the argmax of the logits the same graph returns, row by row.
     chosen = float((got.pop("next_token_ids") == got["logits"].argmax(-1)).mean())
-    ref.pop(1)
     _summarise(report, label, list(got), list(got.values()), ref, tolerance)
     report.exact(label, "next_token_ids", chosen)
 
@@ -149,7 +148,7 @@ def validate_drafter(folder: Path, manifest: dict, drafter, embed, head, report:
     ref_ctx = drafter.context_kv(feats, pos)
     # Draft cache buffers with 3 slots past the context, holding noise (stale rows) the block must ignore.
     block = cfg.block_size
-    empty = [torch.randn(shape, generator=g).to(ref_ctx[0].dtype) for shape in draft_cache_shapes(cfg, 10)]
+    empty = [torch.randn(shape, generator=g).to(ref_ctx[0].dtype) for shape in drafter.cache_shapes(10)]
     ref_cache = drafter.context_into(feats, pos, empty)
     shared = SharedWeights(folder, manifest.get("shared_weights"))
     ctx_sess = make_session(folder / d["context_graph"], ["CPUExecutionProvider"], shared, prepack=False)

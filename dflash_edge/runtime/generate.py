@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
-from .model import ExportedModel
+from .model import ExportedModel, TargetStep
 from .policy import BlockPolicy
 from .sampling import Sampler, Sampling
 
@@ -110,8 +110,13 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
     room = len(prompt_ids) + (0 if model.on_host else max_new_tokens + top)
     cache = model.new_target_cache(room)
     greedy = sampler.sampling.greedy
+
+    def target_choice(step: TargetStep, row: int, position: int) -> int:
+        """The target's token at `position`, row `row` of its call: the graph's argmax, or a sample."""
+        return int(step.next_ids[row]) if greedy else sampler.choose(step.logits[row], position)
+
     first, pending = model.prefill(prompt_ids, cache, logits=not greedy, taps=use_drafter)
-    token = int(first.next_ids[-1]) if greedy else sampler.choose(first.logits[-1], len(prompt_ids))
+    token = target_choice(first, -1, len(prompt_ids))
     out = [token]
     stats.ttft_s = time.perf_counter() - t0
     emit([token])
@@ -147,14 +152,11 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
         stats.verify_s += time.perf_counter() - t
         # Row i is the target's choice for position start + 1 + i: keep drafts while they equal it; its
         # choice at the first disagreement is the bonus token.
-        def choice(i: int) -> int:
-            return int(step.next_ids[i]) if greedy else sampler.choose(step.logits[i], start + 1 + i)
-
         accepted = 0
-        bonus = choice(0)
+        bonus = target_choice(step, 0, start + 1)
         while accepted < len(drafts) and drafts[accepted] == bonus:
             accepted += 1
-            bonus = choice(accepted)
+            bonus = target_choice(step, accepted, start + 1 + accepted)
         new = drafts[:accepted] + [bonus]
         # The target cache keeps [token] + accepted drafts; the bonus token is fed next round.
         cache.commit(accepted + 1)

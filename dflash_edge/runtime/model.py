@@ -105,9 +105,9 @@ class ExportedModel:
             binding.bind_output("aux_hidden_states", self.device)
         cache.bind(binding, self.past_names, self.present_names)
         self.target.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        return TargetStep(next_ids=outs[0].numpy()[0], logits=outs[1].numpy()[0] if logits else None,
-                          taps=outs[1 + logits] if taps else None)
+        outs = iter(binding.get_outputs())  # in the order they were bound
+        next_ids = next(outs).numpy()[0]
+        return TargetStep(next_ids, next(outs).numpy()[0] if logits else None, next(outs) if taps else None)
 
     def prefill(self, ids: list[int], cache: KVCache, logits: bool = False,
                 taps: bool = False) -> tuple[TargetStep, list[tuple[ort.OrtValue, int]]]:

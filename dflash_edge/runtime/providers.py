@@ -91,13 +91,12 @@ def tensorrt_profiles(manifest: dict, graph: str) -> dict[str, str]:
         })
     if graph in (d.get("context_graph"), d.get("block_graph")):
         io = d["io"]["context" if graph == d["context_graph"] else "block"]
-        first = io["inputs"][:2]
         width = len(d["target_layer_ids"]) * t["hidden_size"]
         if graph == d["context_graph"]:
             shapes = {"target_hidden": ((1, 1, width), (1, block, width), (1, prefill, width)),
                       "position_ids": ((1, 1), (1, block), (1, prefill))}
         else:
-            shapes = {n: ((1, 2), (1, block), (1, block)) for n in first}
+            shapes = {n: ((1, 2), (1, block), (1, block)) for n in io["inputs"][:2]}
         return _profiles({**shapes, **cache(io["inputs"][2:], d["num_kv_heads"], d["head_dim"])})
     raise ValueError(f"{graph} is not a graph of this folder")
 
