@@ -11,9 +11,11 @@ OUT=runs/bench
 mkdir -p "$OUT" exports
 
 FORMAT=$("$BIN/python" -c "from dflash_edge.manifest import FORMAT_VERSION; print(FORMAT_VERSION)")
-export_once() {  # folder, extra dflash-export arguments...
+export_once() {  # folder, extra dflash-export arguments... (again when the exporter or the drafter changed)
     local dir=$1; shift
-    [ -f "$dir/dflash_edge.json" ] && grep -q "\"format_version\": $FORMAT" "$dir/dflash_edge.json" && return
+    [ -f "$dir/dflash_edge.json" ] && grep -q "\"format_version\": $FORMAT" "$dir/dflash_edge.json" \
+        && [ -z "$(find dflash_edge/export dflash_edge/drafters -newer "$dir/dflash_edge.json" -print -quit)" ] \
+        && return
     "$BIN/dflash-export" --model smollm2-135m --output "$dir" --force "$@"
 }
 bench_once() {  # name, dflash-bench arguments...

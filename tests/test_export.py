@@ -59,6 +59,45 @@ def test_prefill_computes_logits_only_where_asked(tiny):
     assert step.next_ids.tolist() == [int(step.logits[0].argmax())]
 
 
+def test_onnx_runtime_fuses_every_rms_norm_of_the_target(tiny, tmp_path):
+    # Written as x / sqrt(mean(x^2) + eps), each norm becomes one fused node instead of seven: a decode
+    # step is mostly per-node overhead on a CPU once the weights are read.
+    import onnxruntime as ort
+
+    from dflash_edge.runtime.session import SharedWeights
+
+    _, _, out = tiny
+    manifest = json.loads((out / "dflash_edge.json").read_text())
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    for name, value in SharedWeights(out, manifest["shared_weights"]).for_graph("target.onnx").items():
+        options.add_initializer(name, value)
+    ort.InferenceSession(str(out / "target.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    layers = manifest["target"]["num_layers"]
+    # Two per layer and the final one (Qwen3's q/k norms fuse too); no piece of one is left unfused.
+    assert ops.count("SimplifiedLayerNormalization") >= 2 * layers + 1
+    assert not {"Pow", "Sqrt", "Reciprocal"} & set(ops)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 3])
+def test_buffered_attention_equals_plain_attention_for_any_kv_head_count(kv_heads):
+    # With an odd number of KV heads the exported attention splits each head's products in two.
+    from dflash_edge.export.modeling import attend, attend_buffer
+
+    g = torch.Generator().manual_seed(kv_heads)
+    heads, d, slots, seq = 2 * kv_heads, 16, 12, 3
+    positions = torch.tensor([6, 7, 8])
+    q = torch.randn(1, heads, seq, d, generator=g)
+    keys = torch.randn(1, kv_heads, slots, d, generator=g)
+    values = torch.randn(1, kv_heads, slots, d, generator=g)
+    visible = torch.arange(slots)[None, :] <= positions[:, None]
+    bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
+    got = attend_buffer(q, keys, values.transpose(-1, -2).contiguous(), bias)
+    want = attend(q, keys[:, :, :9], values[:, :, :9], bias[..., :9])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _hf_greedy(hf_dir, prompt_ids, n):
     from transformers import AutoModelForCausalLM
 

@@ -102,16 +102,21 @@ def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
             "verify_ratio": verify / step, "draft_ratio": draft / step}
 
 
-def context_growth(model, contexts=(100, 2000), repeats=15) -> dict:
-    """Plain decode step time at each context length: what a long conversation costs per token."""
-    from ..runtime.policy import filled_cache
+def context_growth(model, contexts=(100, 2000), repeats=31) -> dict:
+    """Plain decode step time at each context length: what a long conversation costs per token.
 
-    ms = {}
-    for context in contexts:
-        if context + 1 > model.max_context:
-            continue
-        cache, _ = filled_cache(model, context)
-        ms[str(context)] = round(median_ms(lambda: model.run_target([1], cache, last_only=True), repeats), 2)
+    The lengths take turns step by step, so a change in a shared machine's speed while this runs falls
+    on all of them alike instead of on whichever was timed last."""
+    import numpy as np
+
+    from ..runtime.policy import filled_cache, run_times
+
+    caches = {c: filled_cache(model, c)[0] for c in contexts if c + 1 <= model.max_context}
+    times = {c: [] for c in caches}
+    for _ in range(repeats):
+        for c, cache in caches.items():
+            times[c] += run_times(lambda: model.run_target([1], cache, last_only=True), 1)
+    ms = {str(c): round(1000 * float(np.median(t)), 2) for c, t in times.items()}
     growth = ms[str(contexts[-1])] / ms[str(contexts[0])] - 1 if len(ms) == len(contexts) else None
     return {"step_ms": ms, "growth": growth}
 

@@ -60,7 +60,9 @@ def save_target(folder: Path, arch: str, seed: int = 0, layers: int = 6, dtype: 
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     elif arch == "qwen3":
-        config = Qwen3Config(**common, head_dim=16, tie_word_embeddings=False, rope_theta=1e6)
+        # An odd number of KV heads (SmolLM2 has 3), which the exported attention splits differently.
+        qwen3 = {**common, "num_attention_heads": 6, "num_key_value_heads": 3, **overrides}
+        config = Qwen3Config(**qwen3, head_dim=16, tie_word_embeddings=False, rope_theta=1e6)
         model = Qwen3ForCausalLM._from_config(config, dtype=dtype)
     else:
         raise ValueError(arch)

@@ -23,7 +23,7 @@ def target_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def _example_target_inputs(model: TargetModel, seq: int = 3, past: int = 4, slots: int = 9):
+def _example_target_inputs(model: TargetModel, seq: int = 3, past: int = 4, slots: int = 10):
     dtype = model.embed_tokens.weight.dtype
     vocab = model.embed_tokens.num_embeddings
     kv = [torch.randn(shape, dtype=dtype) for shape in model.cache_shapes(1, slots)]
