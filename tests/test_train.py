@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dflash_edge.export.drafter import DrafterConfig, random_drafter
-from dflash_edge.train.objective import block_mask_bias, dflash_loss, loss_weights, sample_anchors
+from dflash_edge.train.objective import block_mask_bias, dflash_loss, loss_weights, sample_anchors, target_labels
 
 
 def test_block_sees_context_strictly_before_its_anchor_and_its_own_block_only():
@@ -42,6 +42,19 @@ def test_labels_are_not_shifted():
     loss, info = dflash_loss(drafter, torch.randn(10, 16), tokens, torch.ones(10), torch.tensor([1, 4]), 7.0)
     assert loss.item() < 1e-3  # so the labels sit at p + k: no shift
     assert info["accept"] == cfg.block_size
+
+
+def test_target_labels_follow_the_target_until_the_text_departs_from_it():
+    # The target would continue 0 -> 1 -> 2 -> ... (its choice after token t is t + 1); the text agrees
+    # up to position 3 and then writes 9 where the target would have written 4.
+    tokens = torch.tensor([0, 1, 2, 3, 9, 10, 11, 12])
+    greedy = tokens + 1
+    labels, on_path = target_labels(tokens, greedy, torch.tensor([1, 2, 3, 4, 5]), block=5)
+    # Row k at position 1 + k learns the target's choice after the token before it, not the text's token...
+    assert labels.tolist() == [[1, 2, 3, 4, 10]]
+    # ...and only while the rows before it were the target's choices: row 4 (position 5) follows the 9
+    # the target would never have written, so what the target puts there is unknown.
+    assert on_path.tolist() == [[True, True, True, True, False]]
 
 
 def _small_drafter(vocab=40):
@@ -153,6 +166,40 @@ def test_tiny_training_lowers_the_loss_and_beats_an_untrained_drafter(trained, t
     assert taus["trained"] > taus["untrained"] + 0.3, taus
 
 
+def test_cached_target_choices_are_the_replies_the_target_generated(trained):
+    from dflash_edge.train.data import load_sequences
+    from dflash_edge.train.features import FeatureStore
+
+    root, _ = trained
+    work = root / "drafter.work"
+    seqs, store = load_sequences(work / "sequences.jsonl"), FeatureStore(work)
+    agree = total = 0
+    for i, s in enumerate(seqs):
+        tokens, greedy, mask = torch.tensor(s.tokens), store.greedy(i), torch.tensor(s.loss_mask).bool()
+        # Inside a greedy reply, the target's choice after each token is the reply's next token.
+        follows = mask[1:]
+        agree += int((greedy[:-1][follows] == tokens[1:][follows]).sum())
+        total += int(follows.sum())
+    assert total > 0 and agree / total > 0.97, (agree, total)
+
+
+def test_training_on_target_labels_runs_from_the_cached_features(trained, tiny_llama, tmp_path):
+    root, _ = trained
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("sequences.jsonl", "features.json", "features.f16", "greedy.i32"):
+        (work / name).hardlink_to(root / "drafter.work" / name)
+    cmd = [sys.executable, "-m", "dflash_edge.train.cli", "--target", str(tiny_llama[0]), "--data",
+           str(root / "prompts.jsonl"), "--output", str(tmp_path / "drafter"), "--work", str(work),
+           "--steps", "20", "--anchors", "16", "--batch", "1", "--block-size", "8", "--mask-token-id", "3",
+           "--lr", "3e-3", "--labels", "target", "--eval-every", "20"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cached features" in out.stdout
+    history = json.loads((tmp_path / "drafter" / "training_report.json").read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
 def test_training_resumes_from_its_state(trained, tiny_llama):
     root, _ = trained
     cmd = [sys.executable, "-m", "dflash_edge.train.cli", "--target", str(tiny_llama[0]), "--data",
@@ -217,6 +264,16 @@ def test_bf16_target_keeps_fp32_rotary_frequencies(tiny_llama):
     assert all(b.dtype == torch.float32 for name, b in target.named_buffers() if "inv_freq" in name)
     error = (taps() - reference).norm() / reference.norm()
     assert error < 0.03, error
+
+
+def test_target_argmax_mode_returns_the_argmax_of_every_requested_row(tiny_llama):
+    target = _tiny_target(tiny_llama)
+    ids = torch.tensor([[5, 9, 13, 22, 7, 8, 30, 31]])
+    args = (ids, torch.arange(8)[None], torch.ones_like(ids), torch.arange(8), *target.empty_cache(1))
+    with torch.no_grad():
+        logits, taps, *_ = target(*args)
+        choices, taps_too, *_ = target(*args, argmax=True)
+    assert torch.equal(choices, logits.argmax(-1)) and torch.equal(taps, taps_too)
 
 
 def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tiny_llama, tmp_path):

@@ -293,7 +293,10 @@ class TargetModel(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         return [torch.zeros(shape, device=device, dtype=dtype) for shape in self.cache_shapes(batch, 0)]
 
-    def forward(self, input_ids, position_ids, attention_mask, logits_index, *past):
+    def forward(self, input_ids, position_ids, attention_mask, logits_index, *past, argmax: bool = False):
+        """argmax=True returns the ids of the largest logits [b, k] in place of the logits (training's
+        feature pass wants the target's choice at every position, and logits for all of them would be
+        gigabytes)."""
         s = input_ids.shape[1]
         total = attention_mask.shape[1]
         x = self.embed_tokens(input_ids)
@@ -310,6 +313,10 @@ class TargetModel(nn.Module):
             present += [k, v]
             self._tap(i, x, taps)
         h = self.norm(x.index_select(1, logits_index))
+        if argmax:
+            rows = h.reshape(-1, h.shape[-1]).split(1024)
+            ids = torch.cat([F.linear(r, self.head_weight()).argmax(-1) for r in rows]).view(h.shape[:2])
+            return (ids, self._pack_taps(taps), *present)
         return (lm_head(h, self.head_weight()), self._pack_taps(taps), *present)
 
     def _tap(self, i: int, x: torch.Tensor, taps: list) -> None:

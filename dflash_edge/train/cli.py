@@ -48,6 +48,10 @@ def parse_args(argv):
     p.add_argument("--negatives", type=int, default=4096,
                    help="with --draft-vocab: tokens from outside it sampled into every softmax, so that they do not "
                         "win the argmax at inference, where the full LM head is used")
+    p.add_argument("--labels", choices=["text", "target"], default="text",
+                   help="what a draft row learns: the sequence's next token (text), or the target's own greedy "
+                        "choice there (target: plain text then teaches the target's behaviour, and rows past "
+                        "the text's first departure from it are left out)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
@@ -142,10 +146,12 @@ def main(argv=None) -> int:
     n_supervised = sum(sum(s.loss_mask) for s in seqs)
     print(f"      {len(seqs)} sequences, {n_tokens} tokens, {n_supervised} supervised")
 
-    if FeatureStore.exists(work):
-        store = FeatureStore(work)
+    store = FeatureStore(work) if FeatureStore.exists(work) else None
+    if store is not None and (store.has_greedy or args.labels == "text"):
         print(f"[2/4] cached features in {work}")
     else:
+        if store is not None:
+            print(f"[2/4] the cached features in {work} predate the target's choices; computing them again")
         print(f"[2/4] computing tap features {taps} with the frozen target")
         store = compute_features(target, seqs, work, args.device)
     del target
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
     drafter.attach_target(embed, head)
     vocab_subset = ranked = None
     if args.draft_vocab:
-        counts = label_counts(seqs, hf.config.vocab_size)
+        counts = label_counts(seqs, hf.config.vocab_size, store if args.labels == "target" else None)
         ranked = counts.topk(min(args.draft_vocab, hf.config.vocab_size)).indices  # most frequent first
         vocab_subset = ranked.sort().values.to(args.device)
         covered = counts[ranked].sum().item() / max(1, counts.sum().item())
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, batch=args.batch, anchors=args.anchors,
                       gamma=args.gamma or default_gamma(args.block_size), seed=args.seed, device=args.device,
                       eval_every=args.eval_every, save_every=args.eval_every,
-                      bf16=precision == "bf16", negatives=args.negatives)
+                      bf16=precision == "bf16", negatives=args.negatives, labels=args.labels)
     print(f"[3/4] training a {args.draft_layers}-layer drafter, block {args.block_size}, {cfg.anchors} anchors "
           f"per sequence, {cfg.steps} steps on {args.device} ({precision})")
     scale = feature_scale(store)

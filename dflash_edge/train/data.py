@@ -176,10 +176,15 @@ def load_sequences(path: Path) -> list[Sequence]:
         return [Sequence(**json.loads(line)) for line in f if line.strip()]
 
 
-def label_counts(seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
-    """How often each token is a training label (a supervised reply token)."""
+def label_counts(seqs: list[Sequence], vocab_size: int, store=None) -> torch.Tensor:
+    """How often each token is a training label: a supervised token, or with a feature store's target
+    choices (--labels target), the target's choice for that position."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for s in seqs:
-        labels = [t for t, m in zip(s.tokens, s.loss_mask) if m]
-        counts += torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=vocab_size)
+    for i, s in enumerate(seqs):
+        mask = torch.tensor(s.loss_mask, dtype=torch.bool)
+        if store is None:
+            labels = torch.tensor(s.tokens, dtype=torch.long)[mask]
+        else:
+            labels = store.greedy(i)[:-1][mask[1:]]  # the choice after position j labels position j + 1
+        counts += torch.bincount(labels, minlength=vocab_size)
     return counts

@@ -1,7 +1,8 @@
 """Tap features of training sequences, computed once by the frozen target and cached on disk.
 
 Stored as one fp16 memmap ([total_tokens, n_taps*H]) plus an offsets index; taps reach |x| ~ 25,000,
-inside fp16's range, and the drafter's fc sees them in fp32.
+inside fp16's range, and the drafter's fc sees them in fp32. The same pass keeps the target's greedy
+choice after every position (int32, [total_tokens]), the labels of dflash-train --labels target.
 """
 from __future__ import annotations
 
@@ -23,10 +24,21 @@ class FeatureStore:
         self.width = meta["width"]
         total = self.offsets[-1]
         self.data = np.memmap(folder / "features.f16", dtype=np.float16, mode="r", shape=(total, self.width))
+        greedy = folder / "greedy.i32"  # absent from caches written before it existed
+        self.choices = np.memmap(greedy, dtype=np.int32, mode="r", shape=(total,)) if greedy.is_file() else None
 
     def __getitem__(self, i: int) -> torch.Tensor:
         a, b = self.offsets[i], self.offsets[i + 1]
         return torch.from_numpy(np.asarray(self.data[a:b], dtype=np.float32))
+
+    @property
+    def has_greedy(self) -> bool:
+        return self.choices is not None
+
+    def greedy(self, i: int) -> torch.Tensor:
+        """Sequence i's target choices: [j] is the target's argmax after tokens 0..j."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return torch.from_numpy(np.asarray(self.choices[a:b], dtype=np.int64))
 
     @staticmethod
     def exists(folder: Path) -> bool:
@@ -41,8 +53,9 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
     offsets = [0]
     for s in seqs:
         offsets.append(offsets[-1] + len(s.tokens))
-    tmp = folder / "features.f16.tmp"
+    tmp, tmp_greedy = folder / "features.f16.tmp", folder / "greedy.i32.tmp"
     data = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(offsets[-1], width))
+    choices = np.memmap(tmp_greedy, dtype=np.int32, mode="w+", shape=(offsets[-1],))
     t0 = time.perf_counter()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
     i = 0
@@ -59,18 +72,22 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
         empty = target.empty_cache(len(batch), device)
         pos = torch.arange(width_now)[None].expand(len(batch), -1)
         # The target runs in its own dtype (bf16 with dflash-train --precision bf16).
-        _, taps, *_ = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
-                             torch.tensor([width_now - 1], device=device), *empty)
+        greedy, taps, *_ = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
+                                  torch.arange(width_now, device=device), *empty, argmax=True)
+        greedy = greedy.int().cpu().numpy()
         taps = taps.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
         for r, j in enumerate(batch):
             n = len(seqs[j].tokens)
             data[offsets[j]:offsets[j] + n] = taps[r, :n]
+            choices[offsets[j]:offsets[j] + n] = greedy[r, :n]
         i += len(batch)
         if i == len(order) or i % 64 < len(batch):
             rate = offsets[-1] * i / len(order) / (time.perf_counter() - t0)
             log(f"  features {i}/{len(order)} sequences, ~{rate:.0f} tok/s")
     data.flush()
-    del data
+    choices.flush()
+    del data, choices
+    tmp_greedy.rename(folder / "greedy.i32")
     tmp.rename(folder / "features.f16")
     (folder / "features.json").write_text(json.dumps({"offsets": offsets, "width": width}))
     return FeatureStore(folder)

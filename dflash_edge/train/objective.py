@@ -7,6 +7,12 @@ For a sequence with tapped target features F[0..S-1] and tokens x[0..S-1]:
     at inference: the bonus token has not been through the target yet) and to its own block, both ways;
   - row k of block b predicts x[p_b + k] (no shift); row 0 is the anchor itself and carries no loss;
   - the loss weight of row k is exp(-(k-1)/gamma), normalised by the weights actually used.
+
+With the target's greedy choices g (g[j]: its argmax after x[0..j]), row k learns g[p_b + k - 1] instead:
+what the target itself would put there, which is what a draft must match to be accepted. On replies the
+target generated greedily the two agree; on plain text they differ wherever the text does not follow the
+target. Row k then counts only while x[p_b+1 .. p_b+k-1] are the target's choices too: past the first
+disagreement the target's own continuation is unknown.
 """
 from __future__ import annotations
 
@@ -48,12 +54,26 @@ def loss_weights(block: int, gamma: float) -> torch.Tensor:
     return w
 
 
+def target_labels(tokens: torch.Tensor, greedy: torch.Tensor, positions: torch.Tensor, block: int):
+    """Row labels [N, B] from the target's choices, and which rows have one (see the module docstring).
+
+    positions [N*B]: p_b + k for each block b and row k (clamped into the sequence)."""
+    rows = positions.view(-1, block)
+    labels = greedy[(rows - 1).clamp(min=0)]
+    follows = tokens[rows] == labels                       # x[p+k] is the target's choice after x[..p+k-1]
+    on_path = torch.ones_like(follows)
+    on_path[:, 2:] = torch.cumprod(follows[:, 1:-1].int(), dim=1).bool()
+    return labels, on_path
+
+
 def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
                 anchors: torch.Tensor, gamma: float, vocab_subset: torch.Tensor | None = None,
-                negatives: torch.Tensor | None = None, negative_weight: float = 1.0):
+                negatives: torch.Tensor | None = None, negative_weight: float = 1.0,
+                greedy: torch.Tensor | None = None):
     """Weighted cross-entropy of one packed sequence. Returns (loss, accepted-length proxy stats).
 
     features [S, n_taps*H] fp32, tokens [S], loss_mask [S] (1 on response tokens), anchors [N].
+    greedy: the target's choices [S] (see the module docstring); without them rows learn the tokens.
     vocab_subset: optional sorted ids the softmax runs over (a reduced draft vocabulary); labels outside
     it are dropped from the loss. The checkpoint keeps the target's full LM head, so at inference every
     other token competes too: unless they are pushed down, they win the argmax (seen: 70-87% of a drafter's
@@ -69,8 +89,12 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
     positions = (anchors[:, None] + offsets[None, :]).flatten()            # [N*B]
     block_ids = torch.full((n, block), cfg.mask_token_id, dtype=torch.long)
     block_ids[:, 0] = tokens[anchors]
-    labels = tokens[positions.clamp(max=s - 1)].view(n, block)
-    valid = loss_mask[positions.clamp(max=s - 1)].view(n, block).bool() & (positions.view(n, block) < s)
+    inside = positions.clamp(max=s - 1)
+    labels = tokens[inside].view(n, block)
+    valid = loss_mask[inside].view(n, block).bool() & (positions.view(n, block) < s)
+    if greedy is not None:
+        labels, on_path = target_labels(tokens, greedy, inside, block)
+        valid &= on_path
 
     context = drafter.context_kv(features[None], torch.arange(s)[None])
     bias = block_mask_bias(anchors, s, block)

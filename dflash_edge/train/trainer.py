@@ -32,6 +32,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False                 # autocast the forward to bf16 (master weights and optimizer stay fp32)
+    labels: str = "text"               # "target": learn the target's greedy choices (objective.py)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -45,7 +46,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], cfg: TrainConfig,
              feature_scale: torch.Tensor | None = None) -> dict:
     """Held-out loss and the acceptance the drafter would get on teacher-forced blocks, over the full
-    vocabulary (as at inference, whatever draft vocabulary training uses)."""
+    vocabulary (as at inference, whatever draft vocabulary training uses), against the target's own
+    choices where the feature cache has them (what a draft must match), whatever training learns."""
     drafter.eval()
     g = torch.Generator().manual_seed(1234)
     losses, accepts = [], []
@@ -59,7 +61,8 @@ def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], 
             with torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss, info = dflash_loss(drafter, scaled(store[i], feature_scale, cfg.device),
                                          torch.tensor(s.tokens, device=cfg.device), mask.to(cfg.device),
-                                         anchors.to(cfg.device), cfg.gamma)
+                                         anchors.to(cfg.device), cfg.gamma,
+                                         greedy=store.greedy(i).to(cfg.device) if store.has_greedy else None)
             losses.append(loss.item())
             accepts.append(info["accept"])
     drafter.train()
@@ -154,7 +157,8 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
             with torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss, info = dflash_loss(drafter, scaled(store[i], feature_scale, cfg.device),
                                          torch.tensor(s.tokens, device=cfg.device), mask.to(cfg.device),
-                                         anchors.to(cfg.device), cfg.gamma, vocab_subset, negatives, weight)
+                                         anchors.to(cfg.device), cfg.gamma, vocab_subset, negatives, weight,
+                                         greedy=store.greedy(i).to(cfg.device) if cfg.labels == "target" else None)
             (loss / cfg.batch).backward()
             total += loss.item() / cfg.batch
             tokens += info["rows"]
