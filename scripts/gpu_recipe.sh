@@ -48,6 +48,6 @@ start=$(date +%s)
 "$PY" -m dflash_edge.train.cli --target smollm2-135m --data "$PROMPTS" --output "$OUT" \
     --text "$STD" --text-tokens $TEXT_TOKENS --max-new-tokens $MAXNEW --regen-batch $BATCH_GEN \
     --draft-layers $LAYERS --block-size 16 --mask-token-id 0 --anchors $ANCHORS --batch $BATCH \
-    --steps $STEPS --minutes $MINUTES --eval-every $EVAL --device $DEVICE
+    --steps $STEPS --minutes $MINUTES --eval-every $EVAL --device $DEVICE --labels target
 echo "gpu_recipe: finished in $(( $(date +%s) - start )) s; checkpoint in $OUT"
 "$PY" -c "import json; r = json.load(open('$OUT/training_report.json')); print(json.dumps(r['final']))"
