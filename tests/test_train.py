@@ -36,7 +36,7 @@ def test_labels_are_not_shifted():
     drafter = random_drafter(cfg)
     tokens = torch.arange(10)  # token at position p is p
     # Row k of a block sits at position p + k; this stand-in predicts exactly the token at its position.
-    drafter.block_hidden = lambda embeds, positions, context, bias=None: torch.nn.functional.one_hot(
+    drafter.block_hidden = lambda embeds, positions, context, bias=None, fused=False: torch.nn.functional.one_hot(
         positions, 16).float()
     drafter.attach_target(torch.randn(12, 16), torch.eye(16)[:12] * 50)
     loss, info = dflash_loss(drafter, torch.randn(10, 16), tokens, torch.ones(10), torch.tensor([1, 4]), 7.0)
@@ -109,7 +109,7 @@ def test_training_prompts_never_contain_evaluation_prompts():
     from dflash_edge.evalsets import load_prompts
     from dflash_edge.train.prompts import build
 
-    prompts = build(code=3000, chat=1000)
+    prompts = build(code=3000, chat=1000, tasks=2000)
     normalized = {" ".join(p.lower().split()) for p in prompts}
     for question in load_prompts("mtbench"):
         assert " ".join(question.lower().split()) not in normalized
@@ -276,6 +276,38 @@ def test_target_argmax_mode_returns_the_argmax_of_every_requested_row(tiny_llama
     assert torch.equal(choices, logits.argmax(-1)) and torch.equal(taps, taps_too)
 
 
+def test_fused_attention_decodes_as_the_exported_attention(tiny_llama):
+    from dflash_edge.train.data import greedy_batch
+
+    plain, fused = _tiny_target(tiny_llama), _tiny_target(tiny_llama).fuse_attention()
+    prompts = [[5, 9, 13], [22, 7, 8, 30, 31, 40, 41], [3]]  # left padding, a cache, several steps
+    assert greedy_batch(fused, prompts, 10, set(), "cpu") == greedy_batch(plain, prompts, 10, set(), "cpu")
+    ids = torch.tensor([[5, 9, 13, 22, 7, 8, 30, 31]])
+    args = (ids, torch.arange(8)[None], torch.ones_like(ids), torch.arange(8))
+    with torch.no_grad():
+        want, want_taps, *_ = plain(*args, *plain.empty_cache(1))
+        got, got_taps, *_ = fused(*args, *fused.empty_cache(1))
+    assert torch.allclose(got, want, atol=1e-4) and torch.allclose(got_taps, want_taps, atol=1e-4)
+
+
+def test_fused_attention_keeps_packed_blocks_apart():
+    cfg = DrafterConfig.from_dict({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+                                   "vocab_size": 50, "mask_token_id": 0, "target_layer_ids": [0, 1],
+                                   "block_size": 4})
+    drafter = random_drafter(cfg)
+    drafter.attach_target(torch.randn(50, 32), torch.randn(50, 32))
+    anchors, s = torch.tensor([2, 7]), 12
+    positions = (anchors[:, None] + torch.arange(4)).flatten()[None]
+    context = drafter.context_kv(torch.randn(1, s, 64), torch.arange(s)[None])
+    embeds = drafter.embed(torch.randint(50, (1, 8)))
+    bias = block_mask_bias(anchors, s, 4)
+    with torch.no_grad():
+        want = drafter.block_hidden(embeds, positions, context, bias)
+        got = drafter.block_hidden(embeds, positions, context, bias, fused=True)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tiny_llama, tmp_path):
     from collections import Counter
 
@@ -288,10 +320,14 @@ def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tin
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     cmd = [sys.executable, "-m", "dflash_edge.train.acceptance", "--target", str(tiny_llama[0]), "--drafter",
            str(root / "drafter"), "--dataset", str(data), "--block-size", "8", "4", "--max-new-tokens", "30",
-           "--json", str(tmp_path / "acc.json")]
+           "--json", str(tmp_path / "acc.json"), "--replies", str(tmp_path / "replies")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     replay = json.loads((tmp_path / "acc.json").read_text())["datasets"][str(data)]["blocks"]
+    # A second run reuses the kept replies and replays the same rounds.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "4 replies already" in again.stderr, again.stderr[-2000:]
+    assert json.loads((tmp_path / "acc.json").read_text())["datasets"][str(data)]["blocks"] == replay
     model = DFlashModel(export(str(tiny_llama[0]), str(tmp_path / "onnx"), drafter=str(root / "drafter"),
                                log=lambda *a: None))
     for block in (8, 4):

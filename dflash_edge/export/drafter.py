@@ -219,8 +219,10 @@ class DFlashDrafter(nn.Module):
         return out
 
     def block_hidden(self, block_embeds: torch.Tensor, position_ids: torch.Tensor,
-                     context: list[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the block over [context ; block]; non-causal, so no mask unless training packs blocks."""
+                     context: list[torch.Tensor], bias: torch.Tensor | None = None,
+                     fused: bool = False) -> torch.Tensor:
+        """Run the block over [context ; block]; non-causal, so no mask unless training packs blocks.
+        fused: torch's fused attention kernel (training and evaluation in torch; never exported)."""
         x = block_embeds
         cos, sin = self.rotary(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -230,7 +232,12 @@ class DFlashDrafter(nn.Module):
             k, v = attn.project_kv(h, cos, sin)
             k = torch.cat([context[2 * i], k], dim=2)
             v = torch.cat([context[2 * i + 1], v], dim=2)
-            x = x + attn.output(attend(q, k, v, bias))
+            if fused:
+                mask = None if bias is None else bias.to(q.dtype)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            else:
+                out = attend(q, k, v, bias)
+            x = x + attn.output(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 

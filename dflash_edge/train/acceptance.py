@@ -70,6 +70,9 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=32, help="greedy generation batch")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--replies", default=None,
+                   help="folder that keeps the target's greedy replies (one per target): later runs, with "
+                        "other drafters, reuse them instead of generating again")
     p.add_argument("--json", default=None)
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
                         f"the target has {hf.config.hidden_size}")
     drafter.attach_target(hf.get_input_embeddings().weight.float(), hf.get_output_embeddings().weight.float())
     taps = drafter.config.target_layer_ids
-    target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").eval()
+    target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").eval().fuse_attention()
     chat = derive_chat(tokenizer, family, lambda *a: None)
     stops = set(stop_ids(hf, tokenizer, chat))
     template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
@@ -105,8 +108,15 @@ def main(argv=None) -> int:
         prompts = load_dataset(name)[: args.limit]
         ids = chat_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], template_kwargs)
         t0 = time.perf_counter()
+        kept = None
+        if args.replies:
+            try:
+                Path(args.replies).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--replies {args.replies}: {e.strerror}") from None
+            kept = Path(args.replies) / f"{Path(name).stem}.{args.max_new_tokens}.jsonl"
         seqs = regenerate(target, ids, args.max_new_tokens, args.batch, "cpu", stops,
-                          log=lambda m: print(m, file=sys.stderr))
+                          log=lambda m: print(m, file=sys.stderr), partial=kept)
         with tempfile.TemporaryDirectory() as tmp:
             store = compute_features(target, seqs, Path(tmp), "cpu", log=lambda m: None)
             per_block = {}

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         raise UserError(f"--mask-token-id {args.mask_token_id} is outside the vocab ({hf.config.vocab_size})")
     template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
     taps = default_tap_layer_ids(hf.config.num_hidden_layers)
-    target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").to(args.device)
+    target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").to(args.device).fuse_attention()
     precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if precision == "bf16":
         to_bf16(target)

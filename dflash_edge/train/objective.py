@@ -98,7 +98,8 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
 
     context = drafter.context_kv(features[None], torch.arange(s)[None])
     bias = block_mask_bias(anchors, s, block)
-    hidden = drafter.block_hidden(drafter.embed(block_ids.flatten()[None]), positions[None], context, bias)
+    hidden = drafter.block_hidden(drafter.embed(block_ids.flatten()[None]), positions[None], context, bias,
+                                  fused=True)
     hidden = hidden[0].view(n, block, -1)[:, 1:]                            # drop anchor rows
     labels, valid = labels[:, 1:], valid[:, 1:]
     head = drafter.head_weight
@@ -114,14 +115,17 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
             head = torch.cat([head, drafter.head_weight[negatives]])
             correction = torch.zeros(head.shape[0], device=head.device)
             correction[vocab_subset.numel():] = math.log(negative_weight)
-    logits = F.linear(hidden.to(head.dtype), head).float()
+    # The head is most of a step's arithmetic; rows without a label (off the target's path, past the
+    # end) skip it.
+    logits = F.linear(hidden[valid].to(head.dtype), head).float()
     if correction is not None:
         logits = logits + correction
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    w = loss_weights(block, gamma)[1:][None, :].expand_as(labels) * valid
-    loss = (ce.view_as(labels) * w).sum() / w.sum().clamp(min=1e-6)
+    ce = F.cross_entropy(logits, labels[valid], reduction="none")
+    w = loss_weights(block, gamma)[1:][None, :].expand_as(labels)[valid]
+    loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
     with torch.no_grad():
-        correct = (logits.argmax(-1) == labels) & valid
+        correct = torch.zeros_like(valid)
+        correct[valid] = logits.argmax(-1) == labels[valid]
         # Accepted length per block if drafted greedily: the run of correct rows from row 1.
         run = torch.cumprod(correct.int(), dim=1).sum(1)
     return loss, {"accept": run.float().mean().item() + 1.0, "rows": int(valid.sum())}

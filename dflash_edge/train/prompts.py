@@ -114,12 +114,11 @@ def code_prompts(rng: random.Random, count: int) -> list[str]:
     return out
 
 
-def chat_prompts(rng: random.Random, count: int) -> list[str]:
-    topics = [t.strip() for t in TOPICS if t.strip()]
+def distinct(draw, count: int) -> list[str]:
+    """Up to `count` different prompts from `draw()`, in the order drawn (5 * count draws at most)."""
     seen, out = set(), []
     for _ in range(count * 5):
-        topic, other = rng.sample(topics, 2)
-        p = rng.choice(CHAT_FORMS).format(topic=topic, other=other)
+        p = draw()
         if p not in seen:
             seen.add(p)
             out.append(p)
@@ -128,11 +127,82 @@ def chat_prompts(rng: random.Random, count: int) -> list[str]:
     return out
 
 
-def build(code: int, chat: int, seed: int = 0) -> list[str]:
+def chat_prompts(rng: random.Random, count: int) -> list[str]:
+    topics = [t.strip() for t in TOPICS if t.strip()]
+
+    def one() -> str:
+        topic, other = rng.sample(topics, 2)
+        return rng.choice(CHAT_FORMS).format(topic=topic, other=other)
+
+    return distinct(one, count)
+
+
+ROLES = ["a museum guide", "a ship captain", "a personal trainer", "a detective", "a travel agent",
+         "a kindergarten teacher", "a chef", "a startup founder", "a park ranger", "a librarian",
+         "a night-shift nurse", "a tour bus driver", "a retired astronaut", "a bookshop owner"]
+KINDS = ["blog post introduction", "product description", "speech opening", "persuasive paragraph",
+         "limerick", "short dialogue between two friends", "motivational note", "news-style summary",
+         "cover letter paragraph", "movie pitch", "set of social media posts", "letter to a future self"]
+TONES = ["more formal", "friendlier", "more concise", "more enthusiastic", "more neutral", "simpler"]
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena", "Milo", "Nia"]
+CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Perth", "Lyon", "Pune", "Bergen", "Austin"]
+ITEMS = ["notebooks", "apples", "tickets", "candles", "mugs", "pencils", "plants", "scarves"]
+STATS = ["median", "mode", "range", "average of the even numbers", "second largest value",
+         "running total", "count of values above the mean"]
+
+
+def task_prompts(rng: random.Random, count: int) -> list[str]:
+    """Assistant tasks beyond explanations: role play, writing to a form, rewriting, extraction, word
+    problems, small puzzles, plans and short programs, with numbers and names drawn at random."""
+    topics = [t.strip() for t in TOPICS if t.strip()]
+
+    def one() -> str:
+        t, u = rng.sample(topics, 2)
+        a, b, c = rng.sample(NAMES, 3)
+        n, m = rng.randint(2, 19), rng.randint(20, 400)
+        forms = [
+            lambda: f"You are {rng.choice(ROLES)}. A visitor asks you about {t}. Answer in character.",
+            lambda: f"Pretend to be {rng.choice(ROLES)} and describe a typical day, mentioning {t}.",
+            lambda: f"Write a {rng.choice(KINDS)} about {t}.",
+            lambda: f"Write a {rng.choice(KINDS)} that connects {t} and {u}.",
+            lambda: f"Rewrite this sentence to sound {rng.choice(TONES)}: \"{t.capitalize()} matters because it "
+                    f"changes how people live, work and plan for the future.\"",
+            lambda: f"List every number in this text: \"In {rng.randint(1950, 2024)}, {n} volunteers in "
+                    f"{rng.choice(CITIES)} spent {m} hours planting {n * m} trees in {rng.randint(2, 9)} parks.\"",
+            lambda: f"Return JSON with the keys name, age and city for: \"{a} is {rng.randint(18, 80)} years old and "
+                    f"has lived in {rng.choice(CITIES)} since {rng.randint(1990, 2022)}.\"",
+            lambda: f"A shop sells {rng.choice(ITEMS)} for ${n} each. {a} buys {rng.randint(2, 9)} of them and pays "
+                    f"with a ${rng.choice([50, 100, 200])} bill. How much change does {a} get? Explain each step.",
+            lambda: f"What is {rng.choice([5, 12, 15, 25, 35, 40, 65])}% of {m}? Show your work.",
+            lambda: f"Solve for x: {n}x + {m} = {n * rng.randint(2, 30) + m}. Explain the steps.",
+            lambda: f"A cyclist rides {m} km in {n} hours. What is the average speed, and how long would "
+                    f"{m * 2} km take at that speed?",
+            lambda: f"A rectangle is {n} cm wide and {m} cm long. What are its area and perimeter?",
+            lambda: f"Two fair dice are rolled. What is the probability that their sum is {rng.randint(2, 12)}?",
+            lambda: f"{a} is older than {b}, and {c} is younger than {b}. Order the three from oldest to youngest "
+                    f"and explain your reasoning.",
+            lambda: f"What is the difference between {t} and {u}? Answer in two short paragraphs.",
+            lambda: f"Describe how {t} works, step by step.",
+            lambda: f"I want to get better at {t}. Make a four-week plan with one goal per week.",
+            lambda: f"Write a Python program that reads numbers from the user and prints their "
+                    f"{rng.choice(STATS)}.",
+            lambda: f"Explain what this Python code does:\n```python\ntotal = 0\nfor i in range({n}, {m}):\n"
+                    f"    if i % {rng.randint(2, 7)} == 0:\n        total += i\nprint(total)\n```",
+            lambda: f"Give three arguments for and three against {t}, then a one-sentence verdict.",
+            lambda: f"Write a short FAQ (four questions) for a community workshop on {t}.",
+            lambda: f"Summarize {t} for a ten-year-old, then for a university student.",
+        ]
+        return rng.choice(forms)()
+
+    return distinct(one, count)
+
+
+def build(code: int, chat: int, seed: int = 0, tasks: int = 0) -> list[str]:
     rng = random.Random(seed)
     prompts = code_prompts(rng, code) + chat_prompts(rng, chat)
     rng.shuffle(prompts)
-    return prompts
+    # Drawn from their own generator, so adding tasks leaves the code and chat prompts as they were.
+    return prompts + task_prompts(random.Random(seed + 1), tasks)
 
 
 def main(argv=None) -> int:
@@ -140,9 +210,11 @@ def main(argv=None) -> int:
     p.add_argument("output")
     p.add_argument("--code", type=int, default=3000, help="code prompts from documented functions")
     p.add_argument("--chat", type=int, default=1000, help="chat prompts from templates")
+    p.add_argument("--tasks", type=int, default=0,
+                   help="assistant tasks from templates (role play, rewriting, extraction, word problems, ...)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    prompts = build(args.code, args.chat, args.seed)
+    prompts = build(args.code, args.chat, args.seed, args.tasks)
     with open(args.output, "w", encoding="utf-8") as f:
         for prompt in prompts:
             f.write(json.dumps({"prompt": prompt}) + "\n")
