@@ -225,7 +225,8 @@ def _tiny_target(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama[0], torch_dtype=torch.float32)
-    return load_target_from_hf(hf, default_tap_layer_ids(hf.config.num_hidden_layers), qk_norm=False)
+    return load_target_from_hf(hf, default_tap_layer_ids(hf.config.num_hidden_layers),
+                               qk_norm=hf.config.model_type == "qwen3")
 
 
 def test_interrupted_regeneration_resumes_without_redoing_finished_batches(tmp_path, tiny_llama):
@@ -276,18 +277,45 @@ def test_target_argmax_mode_returns_the_argmax_of_every_requested_row(tiny_llama
     assert torch.equal(choices, logits.argmax(-1)) and torch.equal(taps, taps_too)
 
 
-def test_fused_attention_decodes_as_the_exported_attention(tiny_llama):
-    from dflash_edge.train.data import greedy_batch
+def _greedy_without_cache(target, prompt, max_new, stops):
+    """The target's greedy reply by recomputing the whole sequence each step (no cache, no padding)."""
+    seq, reply = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            ids = torch.tensor([seq])
+            logits, *_ = target(ids, torch.arange(len(seq))[None], torch.ones_like(ids),
+                                torch.tensor([len(seq) - 1]), *target.empty_cache(1))
+            token = int(logits[0, -1].argmax())
+            reply.append(token)
+            seq.append(token)
+            if token in stops:
+                break
+    return reply
 
-    plain, fused = _tiny_target(tiny_llama), _tiny_target(tiny_llama).fuse_attention()
-    prompts = [[5, 9, 13], [22, 7, 8, 30, 31, 40, 41], [3]]  # left padding, a cache, several steps
-    assert greedy_batch(fused, prompts, 10, set(), "cpu") == greedy_batch(plain, prompts, 10, set(), "cpu")
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_batched_generation_matches_decoding_each_prompt_alone(arch, request):
+    from dflash_edge.train.generate import greedy_batch
+
+    target = _tiny_target(request.getfixturevalue(f"tiny_{arch}"))
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, 60) for _ in range(rng.randint(1, 9))] for _ in range(9)]
+    want = [_greedy_without_cache(target, p, 14, set()) for p in prompts]
+    assert greedy_batch(target, prompts, 14, set(), "cpu") == want  # left padding, cache, many steps
+    # Rows that hit a stop id end there and leave the batch; the others carry on unchanged.
+    stops = {want[0][2], want[4][5]}
+    ended = [_greedy_without_cache(target, p, 14, stops) for p in prompts]
+    assert any(len(r) < 14 for r in ended) and any(len(r) == 14 for r in ended)
+    assert greedy_batch(target, prompts, 14, stops, "cpu") == ended
+    # The attention regeneration and the feature pass use (fused) gives the exported graph's results.
+    fused = _tiny_target(request.getfixturevalue(f"tiny_{arch}")).fuse_attention()
+    assert greedy_batch(fused, prompts, 14, set(), "cpu") == want
     ids = torch.tensor([[5, 9, 13, 22, 7, 8, 30, 31]])
     args = (ids, torch.arange(8)[None], torch.ones_like(ids), torch.arange(8))
     with torch.no_grad():
-        want, want_taps, *_ = plain(*args, *plain.empty_cache(1))
+        want_logits, want_taps, *_ = target(*args, *target.empty_cache(1))
         got, got_taps, *_ = fused(*args, *fused.empty_cache(1))
-    assert torch.allclose(got, want, atol=1e-4) and torch.allclose(got_taps, want_taps, atol=1e-4)
+    assert torch.allclose(got, want_logits, atol=1e-4) and torch.allclose(got_taps, want_taps, atol=1e-4)
 
 
 def test_fused_attention_keeps_packed_blocks_apart():

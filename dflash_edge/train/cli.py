@@ -31,7 +31,8 @@ def parse_args(argv):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--mask-token-id", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length when regenerating")
-    p.add_argument("--regen-batch", type=int, default=16)
+    p.add_argument("--regen-batch", type=int, default=64,
+                   help="replies generated together (64 is fastest on a 2-core CPU; 128 is no faster)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 regenerates greedily")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--seq-len", type=int, default=512, help="plain-text piece length")

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..jsonl import read_jsonl
+from .generate import greedy_batch
 
 
 @dataclass
@@ -46,48 +47,6 @@ def read_prompts(path: Path) -> list[list[dict]]:
     if not convs:
         raise UserError(f"{path} holds no prompts")
     return convs
-
-
-@torch.no_grad()
-def greedy_batch(target, prompts: list[list[int]], max_new_tokens: int, stops: set[int], device: str,
-                 temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
-    """Decode a batch with the traced target module (export/modeling.TargetModel) and a KV cache.
-
-    Prompts are left-padded; the attention mask hides the padding and positions count real tokens only.
-    """
-    b, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(b, width, dtype=torch.long)
-    mask = torch.zeros(b, width, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    past = target.empty_cache(b, device)  # keys hold slots on axis 2, values (stored transposed) on axis 3
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    replies = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    last = torch.tensor([width - 1], device=device)
-    for _ in range(max_new_tokens):
-        logits, _, *new = target(ids, positions, mask, last, *past)  # new: K/V of this step's positions
-        past = [torch.cat([p, n], dim=2 + i % 2) for i, (p, n) in enumerate(zip(past, new))]
-        logits = logits[:, -1]
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        else:
-            nxt = logits.argmax(-1)
-        for r in range(b):
-            if not done[r]:
-                replies[r].append(int(nxt[r]))
-                if int(nxt[r]) in stops:
-                    done[r] = True
-        if bool(done.all()):
-            break
-        ids = nxt[:, None]
-        positions = positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-        last = torch.tensor([0], device=device)
-    return replies
 
 
 def regenerate(target, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device: str,
