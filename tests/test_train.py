@@ -84,6 +84,19 @@ def test_sampled_negatives_estimate_the_full_vocabulary_softmax():
     assert abs(half.item() - full.item()) < abs(reduced.item() - full.item())
 
 
+def test_rows_that_weigh_almost_nothing_skip_the_head():
+    """gamma 0.5 at block 4: rows 1..3 weigh 1, 0.14, 0.02; a cut at 0.05 drops row 3 and barely moves
+    the loss, which is the weighted mean over the rows that remain."""
+    drafter = _small_drafter()
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 39, (12,), generator=g)
+    features, mask, anchors = torch.randn(12, 32, generator=g), torch.ones(12), torch.tensor([2, 6])
+    full, info = dflash_loss(drafter, features, tokens, mask, anchors, 0.5)
+    cut, info_cut = dflash_loss(drafter, features, tokens, mask, anchors, 0.5, min_weight=0.05)
+    assert (info["rows"], info_cut["rows"]) == (6, 4)
+    assert cut.item() != full.item() and abs(cut.item() - full.item()) < 0.05 * full.item()
+
+
 def test_feature_scale_folds_into_fc():
     """A drafter trained on features * s, with s folded into fc, gives the same drafts on raw features."""
     from dflash_edge.train.trainer import fold_feature_scale
@@ -337,8 +350,10 @@ def test_fused_attention_keeps_packed_blocks_apart():
 
 
 def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tiny_llama, tmp_path):
+    import shutil
     from collections import Counter
 
+    from dflash_edge.export.drafter import write_draft_vocab
     from dflash_edge.export.pipeline import export
     from dflash_edge.runtime.api import DFlashModel
 
@@ -346,6 +361,16 @@ def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tin
     prompts = ["hello world", "the cat sat", "def sort list", "a b c"]
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+    def assert_same_rounds(replay, drafter, name):
+        model = DFlashModel(export(str(tiny_llama[0]), str(tmp_path / name), drafter=str(drafter),
+                                   log=lambda *a: None))
+        for block in (8, 4):
+            runtime = Counter()
+            for p in prompts:
+                runtime += model.generate(p, 30, block).stats.acceptance
+            assert replay[str(block)]["acceptance_histogram"] == {str(k): runtime[k] for k in sorted(runtime)}
+
     cmd = [sys.executable, "-m", "dflash_edge.train.acceptance", "--target", str(tiny_llama[0]), "--drafter",
            str(root / "drafter"), "--dataset", str(data), "--block-size", "8", "4", "--max-new-tokens", "30",
            "--json", str(tmp_path / "acc.json"), "--replies", str(tmp_path / "replies")]
@@ -356,11 +381,15 @@ def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tin
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "4 replies already" in again.stderr, again.stderr[-2000:]
     assert json.loads((tmp_path / "acc.json").read_text())["datasets"][str(data)]["blocks"] == replay
-    model = DFlashModel(export(str(tiny_llama[0]), str(tmp_path / "onnx"), drafter=str(root / "drafter"),
-                               log=lambda *a: None))
-    for block in (8, 4):
-        runtime = Counter()
-        for p in prompts:
-            runtime += model.generate(p, 30, block).stats.acceptance
-        assert replay[str(block)]["acceptance_histogram"] == {str(k): runtime[k] for k in sorted(runtime)}
+    assert_same_rounds(replay, root / "drafter", "onnx")
     assert replay["8"]["tau_pooled"] > 1.2  # a trained drafter, so the rounds are not all trivial
+    # A drafter with a reduced head (draft_vocab.json): the replay scores the rows the export keeps.
+    small = tmp_path / "drafter-small"
+    shutil.copytree(root / "drafter", small)
+    kept = next((tmp_path / "replies").glob("*.jsonl")).read_text().splitlines()
+    write_draft_vocab(small, list(dict.fromkeys(t for line in kept for t in json.loads(line)["tokens"]))[:12], 0.5)
+    cmd[cmd.index(str(root / "drafter"))] = str(small)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "scores 12 of" in out.stderr, out.stderr[-2000:]
+    replay = json.loads((tmp_path / "acc.json").read_text())["datasets"][str(data)]["blocks"]
+    assert_same_rounds(replay, small, "onnx-small")

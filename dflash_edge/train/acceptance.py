@@ -27,9 +27,12 @@ from ..errors import UserError, run_cli
 
 @torch.no_grad()
 def replay_rounds(drafter, features: torch.Tensor, tokens: list[int], prompt_len: int, block: int,
-                  max_new_tokens: int, stops: set[int]) -> Counter:
-    """Tokens committed per round (as GenerationStats.acceptance) for one greedy reply."""
+                  max_new_tokens: int, stops: set[int], vocab_ids: torch.Tensor | None = None) -> Counter:
+    """Tokens committed per round (as GenerationStats.acceptance) for one greedy reply.
+
+    vocab_ids: the token ids the drafter scores (an exported drafter's reduced head), else all."""
     s = len(tokens)
+    head = None if vocab_ids is None else drafter.head_weight[vocab_ids]
     context = drafter.context_kv(features[None], torch.arange(s)[None])
     reply_end = s  # the reply is tokens[prompt_len:], already cut at max_new_tokens and the stop token
     counts: Counter = Counter()
@@ -42,7 +45,8 @@ def replay_rounds(drafter, features: torch.Tensor, tokens: list[int], prompt_len
         ids = torch.tensor([tokens[start]] + [drafter.config.mask_token_id] * (b - 1))[None]
         ctx = [c[:, :, :start] for c in context]
         hidden = drafter.block_hidden(drafter.embed(ids), torch.arange(start, start + b)[None], ctx)
-        drafts = drafter.logits(hidden[:, 1:]).argmax(-1)[0].tolist()
+        drafts = drafter.logits(hidden[:, 1:], head).argmax(-1)[0]
+        drafts = (drafts if vocab_ids is None else vocab_ids[drafts]).tolist()
         accepted = 0
         while (accepted < len(drafts) and start + 1 + accepted < reply_end
                and drafts[accepted] == tokens[start + 1 + accepted]):
@@ -68,6 +72,9 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--block-size", type=int, nargs="+", default=[16, 8])
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="rows of the LM head the drafter scores, as dflash-export: its draft_vocab.json by "
+                        "default (what the exported drafter does), 0 for the whole head")
     p.add_argument("--batch", type=int, default=32, help="greedy generation batch")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--replies", default=None,
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
     from ..bench.cli import load_dataset
     from ..export.drafter import load_drafter
     from ..export.modeling import load_target_from_hf
-    from ..export.pipeline import derive_chat, stop_ids
+    from ..export.pipeline import derive_chat, pick_draft_vocab, stop_ids
     from ..export.sources import load_hf, resolve_model
     from .data import chat_prompts, regenerate
     from .features import compute_features
@@ -97,13 +104,16 @@ def main(argv=None) -> int:
         raise UserError(f"{args.drafter} was trained for hidden size {drafter.config.hidden_size}, "
                         f"the target has {hf.config.hidden_size}")
     drafter.attach_target(hf.get_input_embeddings().weight.float(), hf.get_output_embeddings().weight.float())
+    vocab_ids = pick_draft_vocab(Path(args.drafter), drafter.config.vocab_size, args.draft_vocab,
+                                 lambda m: print(m.strip(), file=sys.stderr))
+    vocab_ids = None if vocab_ids is None else torch.tensor(vocab_ids)
     taps = drafter.config.target_layer_ids
     target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").eval().fuse_attention()
     chat = derive_chat(tokenizer, family, lambda *a: None)
     stops = set(stop_ids(hf, tokenizer, chat))
     template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
     report = {"target": source.describe(), "drafter": str(args.drafter), "max_new_tokens": args.max_new_tokens,
-              "datasets": {}}
+              "draft_vocab": None if vocab_ids is None else len(vocab_ids), "datasets": {}}
     for name in args.dataset:
         prompts = load_dataset(name)[: args.limit]
         ids = chat_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], template_kwargs)
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
                 totals, taus = Counter(), []
                 for i, (seq, p) in enumerate(zip(seqs, ids)):
                     counts = replay_rounds(drafter, store[i], seq.tokens, len(p), block, args.max_new_tokens,
-                                           stops)
+                                           stops, vocab_ids)
                     totals += counts
                     if counts:
                         taus.append(tau_of(counts))

@@ -69,7 +69,7 @@ def target_labels(tokens: torch.Tensor, greedy: torch.Tensor, positions: torch.T
 def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
                 anchors: torch.Tensor, gamma: float, vocab_subset: torch.Tensor | None = None,
                 negatives: torch.Tensor | None = None, negative_weight: float = 1.0,
-                greedy: torch.Tensor | None = None):
+                greedy: torch.Tensor | None = None, min_weight: float = 0.0):
     """Weighted cross-entropy of one packed sequence. Returns (loss, accepted-length proxy stats).
 
     features [S, n_taps*H] fp32, tokens [S], loss_mask [S] (1 on response tokens), anchors [N].
@@ -80,6 +80,9 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
     argmaxes fell outside an 8,192-token subset). `negatives`, ids sampled from outside the subset, join
     the softmax with their logits raised by log(negative_weight) (negative_weight = tokens outside / sampled),
     a sampled estimate of the rest of the partition function.
+    min_weight: rows whose loss weight is below it are left out (with a small gamma the late rows weigh
+    almost nothing, and their share of the LM head is pure cost); the accepted-length statistic then
+    stops at the last row kept.
     """
     cfg = drafter.config
     block = cfg.block_size
@@ -102,6 +105,9 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
                                   fused=True)
     hidden = hidden[0].view(n, block, -1)[:, 1:]                            # drop anchor rows
     labels, valid = labels[:, 1:], valid[:, 1:]
+    weights = loss_weights(block, gamma)[1:]
+    if min_weight > 0:
+        valid = valid & (weights >= min_weight)[None, :].to(valid.device)
     head = drafter.head_weight
     correction = None
     if vocab_subset is not None:
@@ -121,7 +127,7 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
     if correction is not None:
         logits = logits + correction
     ce = F.cross_entropy(logits, labels[valid], reduction="none")
-    w = loss_weights(block, gamma)[1:][None, :].expand_as(labels)[valid]
+    w = weights[None, :].to(labels.device).expand_as(labels)[valid]
     loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
     with torch.no_grad():
         correct = torch.zeros_like(valid)

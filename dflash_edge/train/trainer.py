@@ -33,6 +33,7 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool = False                 # autocast the forward to bf16 (master weights and optimizer stay fp32)
     labels: str = "text"               # "target": learn the target's greedy choices (objective.py)
+    min_weight: float = 0.01           # rows weighing less skip the LM head (see dflash_loss)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -158,7 +159,8 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
                 loss, info = dflash_loss(drafter, scaled(store[i], feature_scale, cfg.device),
                                          torch.tensor(s.tokens, device=cfg.device), mask.to(cfg.device),
                                          anchors.to(cfg.device), cfg.gamma, vocab_subset, negatives, weight,
-                                         greedy=store.greedy(i).to(cfg.device) if cfg.labels == "target" else None)
+                                         greedy=store.greedy(i).to(cfg.device) if cfg.labels == "target" else None,
+                                         min_weight=cfg.min_weight)
             (loss / cfg.batch).backward()
             total += loss.item() / cfg.batch
             tokens += info["rows"]
