@@ -30,9 +30,8 @@ def replay_rounds(drafter, features: torch.Tensor, tokens: list[int], prompt_len
                   max_new_tokens: int, stops: set[int], vocab_ids: torch.Tensor | None = None) -> Counter:
     """Tokens committed per round (as GenerationStats.acceptance) for one greedy reply.
 
-    vocab_ids: the token ids the drafter scores (an exported drafter's reduced head), else all."""
+    vocab_ids: with a reduced head attached (its rows in this order), the token id of each row."""
     s = len(tokens)
-    head = None if vocab_ids is None else drafter.head_weight[vocab_ids]
     context = drafter.context_kv(features[None], torch.arange(s)[None])
     reply_end = s  # the reply is tokens[prompt_len:], already cut at max_new_tokens and the stop token
     counts: Counter = Counter()
@@ -45,7 +44,7 @@ def replay_rounds(drafter, features: torch.Tensor, tokens: list[int], prompt_len
         ids = torch.tensor([tokens[start]] + [drafter.config.mask_token_id] * (b - 1))[None]
         ctx = [c[:, :, :start] for c in context]
         hidden = drafter.block_hidden(drafter.embed(ids), torch.arange(start, start + b)[None], ctx)
-        drafts = drafter.logits(hidden[:, 1:], head).argmax(-1)[0]
+        drafts = drafter.logits(hidden[:, 1:]).argmax(-1)[0]
         drafts = (drafts if vocab_ids is None else vocab_ids[drafts]).tolist()
         accepted = 0
         while (accepted < len(drafts) and start + 1 + accepted < reply_end
@@ -106,7 +105,10 @@ def main(argv=None) -> int:
     drafter.attach_target(hf.get_input_embeddings().weight.float(), hf.get_output_embeddings().weight.float())
     vocab_ids = pick_draft_vocab(Path(args.drafter), drafter.config.vocab_size, args.draft_vocab,
                                  lambda m: print(m.strip(), file=sys.stderr))
-    vocab_ids = None if vocab_ids is None else torch.tensor(vocab_ids)
+    if vocab_ids is not None:
+        # The rows the exported drafter keeps, gathered once: the replay then drafts as it does.
+        vocab_ids = torch.tensor(vocab_ids)
+        drafter.attach_target(drafter.embed_weight, drafter.head_weight[vocab_ids])
     taps = drafter.config.target_layer_ids
     target = load_target_from_hf(hf, taps, qk_norm=family == "qwen3").eval().fuse_attention()
     chat = derive_chat(tokenizer, family, lambda *a: None)
