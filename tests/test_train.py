@@ -393,3 +393,15 @@ def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tin
     assert out.returncode == 0 and "scores 12 of" in out.stderr, out.stderr[-2000:]
     replay = json.loads((tmp_path / "acc.json").read_text())["datasets"][str(data)]["blocks"]
     assert_same_rounds(replay, small, "onnx-small")
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(monkeypatch):
+    from dflash_edge.train.cli import slow_bf16_warning
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    warning = slow_bf16_warning("cpu")
+    assert warning and "--precision bf16" in warning and "\n" not in warning
+    assert slow_bf16_warning("cuda") is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert slow_bf16_warning("cpu") is None

@@ -60,9 +60,13 @@ class ExportedModel:
         self._round_costs = None
         if self.drafter_info:
             d = self.drafter_info
-            # The drafter is small: prepacking its weights buys little and would copy the shared LM head.
-            self.drafter_context = session(d["context_graph"], prepack=False, spin=False)
-            self.drafter_block = session(d["block_graph"], prepack=False, spin=False)
+            # Without prepacking, ONNX Runtime's CPU Gemm repacks a weight on every call: a round's draft
+            # and projection took 8.9 ms instead of 6.8 (SmolLM2, 8,192-token head, 2 AVX2 cores). A
+            # full-vocabulary head is the target's shared matrix, which prepacking would copy (113 MB here).
+            vocab = self.target_info["vocab_size"]
+            reduced_head = d.get("draft_vocab_size", vocab) < vocab
+            self.drafter_context = session(d["context_graph"], spin=False)
+            self.drafter_block = session(d["block_graph"], prepack=reduced_head, spin=False)
             self.context_past = d["io"]["context"]["inputs"][2:]
             self.context_present = d["io"]["context"]["outputs"]
 
