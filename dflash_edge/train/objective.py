@@ -105,9 +105,9 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
                                   fused=True)
     hidden = hidden[0].view(n, block, -1)[:, 1:]                            # drop anchor rows
     labels, valid = labels[:, 1:], valid[:, 1:]
-    weights = loss_weights(block, gamma)[1:]
+    weights = loss_weights(block, gamma)[1:].to(labels.device)
     if min_weight > 0:
-        valid = valid & (weights >= min_weight)[None, :].to(valid.device)
+        valid = valid & (weights >= min_weight)[None, :]
     head = drafter.head_weight
     correction = None
     if vocab_subset is not None:
@@ -127,7 +127,7 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
     if correction is not None:
         logits = logits + correction
     ce = F.cross_entropy(logits, labels[valid], reduction="none")
-    w = weights[None, :].to(labels.device).expand_as(labels)[valid]
+    w = weights[None, :].expand_as(labels)[valid]
     loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
     with torch.no_grad():
         correct = torch.zeros_like(valid)
