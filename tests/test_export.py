@@ -1,5 +1,6 @@
 """Target export on tiny random Llama and Qwen3: graph contract, exactness vs transformers, tap convention."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -227,13 +228,42 @@ def test_quantized_target_is_lossless_against_its_own_plain_decoding(tmp_path, t
     assert manifest["target"]["quantization"] == kind
     ops = {n.op_type for n in onnx.load(str(out / "target.onnx"), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops
-    assert manifest["export"]["validation"]["target (fp32):logits"]["ok"]  # the trace, before quantizing
+    validation = manifest["export"]["validation"]
+    assert validation["target (fp32):logits"]["ok"]  # the trace, before quantizing
+    assert validation[f"target ({kind}):rows = one at a time"]["ok"]
     model = ExportedModel(out)
     model.stop_token_ids = set()
     ids = model.tokenizer.encode("the cat sat on the mat")
     plain, _ = generate(model, ids, 30, block_size=1)
     for block in (4, 16, None):
         assert generate(model, ids, 30, block_size=block)[0] == plain
+
+
+class _RowSession:
+    """A stand-in target graph whose logits for a token depend on how many tokens came in the call, as
+    a kernel that shares activation scales across rows would."""
+
+    def __init__(self, shared_across_rows: bool):
+        self.shared = shared_across_rows
+
+    def get_outputs(self):
+        return [SimpleNamespace(name=n) for n in ("logits", "next_token_ids", "present.0.key")]
+
+    def run(self, _, feeds):
+        ids = feeds["input_ids"].astype(np.float32)
+        logits = np.stack([ids, -ids], axis=-1) + (0.01 * ids.shape[1] if self.shared else 0.0)
+        return [logits, logits.argmax(-1), feeds["past_key_values.0.key"]]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_row_check_catches_logits_that_depend_on_the_other_tokens_of_a_verify(shared):
+    from dflash_edge.export.validate import Report, check_rows_independent
+
+    names = ["input_ids", "position_ids", "logits_index", "past_key_values.0.key"]
+    report = Report(1e-4)
+    check_rows_independent(_RowSession(shared), names, np.array([[3, 1, 4, 1]]), [np.zeros((1, 1, 8, 2))], 2,
+                           report, "target")
+    assert report.ok is not shared
 
 
 def test_quantized_export_keeps_external_data_and_refuses_bad_options(tmp_path, tiny_llama, monkeypatch):

@@ -298,10 +298,12 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     }
 
     steps("validating the graphs against PyTorch (random inputs)")
+    rows = drafter_model.config.block_size if drafter_model else 16  # the largest verify the runtime runs
     if quantize:
-        validate_target(tmp, manifest, target, report, label=f"target ({quantize})", tolerance=QUANT_TOLERANCE)
+        validate_target(tmp, manifest, target, report, label=f"target ({quantize})", tolerance=QUANT_TOLERANCE,
+                        verify_rows=rows)
     else:
-        validate_target(tmp, manifest, target, report)
+        validate_target(tmp, manifest, target, report, verify_rows=rows)
     if drafter_model:
         embed, head = target.embed_tokens.weight, target.head_weight()
         validate_drafter(tmp, manifest, drafter_model, embed, head, report, vocab_ids=vocab_ids)

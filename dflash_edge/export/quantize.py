@@ -1,19 +1,30 @@
 """Weight quantization of the target graph with ONNX Runtime's tools (int8 or int4).
 
-Weights only: block-wise (32 per block, symmetric). For ONNX Runtime's own providers each weight MatMul
-becomes a MatMulNBits (a Microsoft contrib op) that dequantizes and multiplies in fp32 (accuracy level
-1). For TensorRT (standard ops only) it becomes a block-quantized DequantizeLinear (opset 21) feeding a
-plain MatMul, which TensorRT runs as an int4-weight GEMM ("explicit quantization"). Quantizing activations as well (quantize_dynamic, or MatMulNBits' int8 compute) picks one scale per
-tensor or block of tokens, so a token's logits would depend on the other tokens verified with it, and
-DFlash would no longer reproduce plain decoding token for token. Only the projections are quantized,
-the MatMuls with a weight: attention stays fp32, and so do the embedding table and the LM head, which the
-drafter shares. The drafter itself is small and stays in the export dtype.
+Weights block-wise (32 per block, symmetric). For ONNX Runtime's own providers each weight MatMul becomes
+a MatMulNBits (a Microsoft contrib op); for TensorRT (standard ops only) a block-quantized
+DequantizeLinear (opset 21) feeding a plain MatMul, which TensorRT runs as an int4-weight GEMM ("explicit
+quantization"). Only the projections are quantized, the MatMuls with a weight: attention stays fp32, and
+so do the embedding table and the LM head, which the drafter shares. The drafter itself is small and
+stays in the export dtype.
+
+DFlash stays exact on a quantized target only if a token's logits do not depend on the other tokens verified
+with it, so the activations stay fp32 (MatMulNBits accuracy level 1). Quantizing them is faster but breaks
+that: per-tensor scales (quantize_dynamic) mix the tokens of a verify outright, and even MatMulNBits' int8
+compute, which scales each token's row on its own and on 2 AVX2 cores decodes 1.4-1.5x faster than fp32
+(int8 weights; the fp32-compute kernel used here is 7-9x slower than fp32 there), changed the output. ONNX
+Runtime's CPU MatMul sums a reduction longer than 256 in an order that depends on the number of columns, so
+past 256 tokens of context the attention's weighted sum of values differs between a verify and a single step
+by ~1e-6; rounding activations to int8 turns that into logits 1.1 apart, and 2 of 8 HumanEval replies (256
+tokens, block 16) left plain decoding's path. (int4's int8-compute kernel differed by up to 1.0 even within
+256 tokens.) The export checks rows against single steps past 256 slots whatever the kind
+(validate.check_rows_independent).
 
 A quantized target is a different target: plain decoding and DFlash on it agree token for token (the
 runtime is the same), but both can differ from the fp32 model.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import onnx
@@ -23,6 +34,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 BITS = {"int8": 8, "int4": 4}
 QUANTIZE = tuple(BITS)
 BLOCK = 32
+ACCURACY_LEVEL = 1  # MatMulNBits: fp32 compute, see the module docstring (4 would be int8 compute)
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -42,10 +54,18 @@ def quantize_target(path: Path, kind: str, standard_ops: bool = False) -> int:
         raise ValueError(f"{path.name} has no MatMul with a weight to quantize")
     data = path.with_name(path.name + ".data")
     external = data.exists()  # the trace used external data (past protobuf's 2 GB); keep doing so
-    quantizer = MatMulNBitsQuantizer(model, bits=BITS[kind], block_size=BLOCK, is_symmetric=True, accuracy_level=1,
+    quantizer = MatMulNBitsQuantizer(model, bits=BITS[kind], block_size=BLOCK, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL,
                                      nodes_to_include=names, op_types_to_quantize=("MatMul",),
                                      quant_format=QuantFormat.QDQ if standard_ops else QuantFormat.QOperator)
-    quantizer.process()
+    # The quantizer logs every node it visits at INFO (thousands of lines for a real model).
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
     model = quantizer.model.model
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save(model, str(path), save_as_external_data=external, location=data.name)
