@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..runtime.cache import KVCache
 from ..runtime.session import SharedWeights, make_session
 from .modeling import BufferedTarget
 
@@ -63,6 +64,21 @@ def _summarise(report: Report, graph: str, names: list[str], got: list, ref: lis
         report.error(graph, kind, present_worst, tolerance)
 
 
+def prefix_cache(target, prefix: torch.Tensor, slots: int, noise: torch.Generator | None = None):
+    """The module's own K/V for `prefix` [1, n], and cache buffers of `slots` slots that hold them first;
+    the other slots hold noise drawn from `noise` (as stale rows of rejected drafts would) or zeros."""
+    n = prefix.shape[1]
+    _, _, *kv = target(prefix, torch.arange(n)[None], torch.ones_like(prefix), torch.arange(1),
+                       *target.empty_cache(1))
+    buffers = []
+    for i, (rows, shape) in enumerate(zip(kv, target.cache_shapes(1, slots))):
+        buffer = (torch.randn(shape, generator=noise).to(rows.dtype) if noise is not None
+                  else torch.zeros(shape, dtype=rows.dtype))
+        buffer.narrow(2 + i % 2, 0, n).copy_(rows)
+        buffers.append(buffer)
+    return kv, buffers
+
+
 # The rows-against-single-steps check runs past 256 tokens of context (see check_rows_independent).
 ROW_CHECK_CONTEXT = 300
 
@@ -81,13 +97,7 @@ def validate_target(folder: Path, manifest: dict, target, report: Report, seed: 
     vocab = target.embed_tokens.num_embeddings
     seq, past, stale = 6, 5, 5  # 16 slots: the graph takes an even number of slots (see attend_buffer)
     prefix, ids = torch.randint(0, vocab, (1, past + seq), generator=g).split([past, seq], dim=1)
-    _, _, *prefix_kv = target(prefix, torch.arange(past)[None], torch.ones(1, past, dtype=torch.int64),
-                              torch.arange(1), *target.empty_cache(1))
-    cache = []
-    for i, (kv, shape) in enumerate(zip(prefix_kv, target.cache_shapes(1, past + seq + stale))):
-        buffer = torch.randn(shape, generator=g).to(kv.dtype)
-        buffer.narrow(2 + i % 2, 0, past).copy_(kv)
-        cache.append(buffer)
+    prefix_kv, cache = prefix_cache(target, prefix, past + seq + stale, noise=g)
     args = (ids, torch.arange(past, past + seq)[None], torch.arange(seq), *cache)
     # Logits and taps from the module that sees the prefix alone (the stale slots must change nothing),
     # the written caches from the buffered module.
@@ -107,15 +117,10 @@ def validate_target(folder: Path, manifest: dict, target, report: Report, seed: 
     # cache holds the module's own K/V for a random prefix: noise caches blow rounding up past fp32's.
     context, block = torch.randint(0, vocab, (1, ROW_CHECK_CONTEXT + verify_rows), generator=g).split(
         [ROW_CHECK_CONTEXT, verify_rows], dim=1)
-    _, _, *context_kv = target(context, torch.arange(ROW_CHECK_CONTEXT)[None], torch.ones_like(context),
-                               torch.arange(1), *target.empty_cache(1))
-    slots = -(-(ROW_CHECK_CONTEXT + verify_rows) // 128) * 128  # as the runtime allocates them
-    long_cache = []
-    for i, (kv, shape) in enumerate(zip(context_kv, target.cache_shapes(1, slots))):
-        buffer = torch.zeros(shape, dtype=kv.dtype)
-        buffer.narrow(2 + i % 2, 0, ROW_CHECK_CONTEXT).copy_(kv)
-        long_cache.append(buffer.numpy())
-    check_rows_independent(session, names, block.numpy(), long_cache, ROW_CHECK_CONTEXT, report, label)
+    slots = -(-(ROW_CHECK_CONTEXT + verify_rows) // KVCache.CHUNK) * KVCache.CHUNK  # as the runtime allocates
+    _, long_cache = prefix_cache(target, context, slots)
+    check_rows_independent(session, names, block.numpy(), [c.numpy() for c in long_cache], ROW_CHECK_CONTEXT,
+                           report, label)
 
 
 def check_rows_independent(session, names: list[str], ids: np.ndarray, cache: list[np.ndarray], start: int,
