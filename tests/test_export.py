@@ -82,20 +82,23 @@ def test_onnx_runtime_fuses_every_rms_norm_of_the_target(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 3])
-def test_buffered_attention_equals_plain_attention_for_any_kv_head_count(kv_heads):
-    # With an odd number of KV heads the exported attention splits each head's products in two.
+@pytest.mark.parametrize("groups, seq", [(2, 3), (3, 1), (3, 16), (2, 9), (1, 20)])
+def test_buffered_attention_equals_plain_attention_for_any_kv_head_count(kv_heads, groups, seq):
+    # With an odd number of KV heads the exported attention splits each head's products in two, and it
+    # takes the values product in chunks of positions (a 16-token verify with 3 groups: 4 chunks of 4).
     from dflash_edge.export.modeling import attend, attend_buffer
 
     g = torch.Generator().manual_seed(kv_heads)
-    heads, d, slots, seq = 2 * kv_heads, 16, 12, 3
-    positions = torch.tensor([6, 7, 8])
+    heads, d, slots = groups * kv_heads, 16, 32
+    positions = torch.arange(10, 10 + seq)
     q = torch.randn(1, heads, seq, d, generator=g)
     keys = torch.randn(1, kv_heads, slots, d, generator=g)
     values = torch.randn(1, kv_heads, slots, d, generator=g)
     visible = torch.arange(slots)[None, :] <= positions[:, None]
     bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
     got = attend_buffer(q, keys, values.transpose(-1, -2).contiguous(), bias)
-    want = attend(q, keys[:, :, :9], values[:, :, :9], bias[..., :9])
+    end = 10 + seq
+    want = attend(q, keys[:, :, :end], values[:, :, :end], bias[..., :end])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -264,6 +267,26 @@ def test_row_check_catches_logits_that_depend_on_the_other_tokens_of_a_verify(sh
     check_rows_independent(_RowSession(shared), names, np.array([[3, 1, 4, 1]]), [np.zeros((1, 1, 8, 2))], 2,
                            report, "target")
     assert report.ok is not shared
+
+
+def test_a_verify_computes_each_row_exactly_as_a_single_step_does(tiny):
+    # Bit for bit, past 1,024 cache slots: there ONNX Runtime's CPU MatMul used to sum a 16-token verify's
+    # values product (32 columns for 2 query heads per KV head) in other pieces than a step's (2 columns).
+    from dflash_edge.export.modeling import cache_shapes
+    from dflash_edge.export.validate import Report, check_rows_independent
+    from dflash_edge.runtime.session import SharedWeights, make_session
+
+    _, _, out = tiny
+    manifest = json.loads((out / "dflash_edge.json").read_text())
+    target = manifest["target"]
+    session = make_session(out / target["graph"], ["CPUExecutionProvider"],
+                           SharedWeights(out, manifest.get("shared_weights")))
+    rng = np.random.default_rng(0)
+    shapes = cache_shapes(target["num_layers"], target["num_kv_heads"], target["head_dim"], 1152)
+    cache = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    report = Report(1e-4)
+    check_rows_independent(session, target["inputs"], rng.integers(3, 40, (1, 16)), cache, 1100, report, "t")
+    assert report.rows[0][2] == 0.0
 
 
 def test_quantized_export_keeps_external_data_and_refuses_bad_options(tmp_path, tiny_llama, monkeypatch):

@@ -155,6 +155,25 @@ def write_slots(buffer: torch.Tensor, new: torch.Tensor, positions: torch.Tensor
     return buffer.scatter(axis, positions.reshape(shape).expand_as(new), new)
 
 
+@torch.library.custom_op("dflash_edge::values_product", mutates_args=())
+def values_product(values_t: torch.Tensor, probs: torch.Tensor, groups: int) -> torch.Tensor:
+    """The attention's weighted sum of cached values, cache on the left: [b, kv, parts, m, slots] x
+    [b, kv, groups * s, slots] (the probabilities of query head g at position i in row g * s + i) ->
+    [b, kv, parts, m, groups * s].
+
+    A matmul here; the export writes it in chunks of positions (trace.values_product_onnx) so that a
+    verify's rows get the sums of single steps bit for bit. It is an op of its own because the chunk
+    count follows the sequence length, which torch.export would pin to the example's.
+    """
+    return torch.matmul(values_t, probs[:, :, None].transpose(-1, -2))
+
+
+@values_product.register_fake
+def _(values_t: torch.Tensor, probs: torch.Tensor, groups: int) -> torch.Tensor:
+    b, kv, parts, m, _ = values_t.shape
+    return values_t.new_empty(b, kv, parts, m, probs.shape[2])
+
+
 def attend_buffer(q: torch.Tensor, keys: torch.Tensor, values_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention over a whole cache buffer that already holds the new positions' K/V.
 
@@ -176,8 +195,8 @@ def attend_buffer(q: torch.Tensor, keys: torch.Tensor, values_t: torch.Tensor, b
     scores = torch.matmul(keys.reshape(b, kv, parts, -1, d), qg.transpose(-1, -2))
     scores = scores.reshape(b, kv, slots, groups * s).transpose(-1, -2).float() * (d ** -0.5)
     scores = scores.view(b, kv, groups, s, slots) + bias[:, :, None]
-    probs = torch.softmax(scores, dim=-1).to(values_t.dtype).view(b, kv, 1, groups * s, slots)
-    out = torch.matmul(values_t.reshape(b, kv, parts, -1, slots), probs.transpose(-1, -2))
+    probs = torch.softmax(scores, dim=-1).to(values_t.dtype).view(b, kv, groups * s, slots)
+    out = values_product(values_t.reshape(b, kv, parts, -1, slots), probs, groups)
     return out.reshape(b, kv, d, groups * s).transpose(-1, -2).reshape(b, h, s, d)
 
 

@@ -8,16 +8,15 @@ so do the embedding table and the LM head, which the drafter shares. The drafter
 stays in the export dtype.
 
 DFlash stays exact on a quantized target only if a token's logits do not depend on the other tokens verified
-with it, so the activations stay fp32 (MatMulNBits accuracy level 1). Quantizing them is faster but breaks
-that: per-tensor scales (quantize_dynamic) mix the tokens of a verify outright, and even MatMulNBits' int8
-compute, which scales each token's row on its own and on 2 AVX2 cores decodes 1.4-1.5x faster than fp32
-(int8 weights; the fp32-compute kernel used here is 7-9x slower than fp32 there), changed the output. ONNX
-Runtime's CPU MatMul sums a reduction longer than 256 in an order that depends on the number of columns, so
-past 256 tokens of context the attention's weighted sum of values differs between a verify and a single step
-by ~1e-6; rounding activations to int8 turns that into logits 1.1 apart, and 2 of 8 HumanEval replies (256
-tokens, block 16) left plain decoding's path. (int4's int8-compute kernel differed by up to 1.0 even within
-256 tokens.) The export checks rows against single steps past 256 slots whatever the kind
-(validate.check_rows_independent).
+with it. Per-tensor activation scales (quantize_dynamic) mix the tokens of a verify outright, so they are
+never used. int8 runs MatMulNBits' int8 compute (accuracy level 4): each token's activations are rounded
+to int8 on their own (one scale per token and block of 32), and on 2 AVX2 cores a decode step takes about
+two thirds of fp32's, where the fp32-compute kernel of int8 weights (level 1) is 7-9x slower than fp32.
+Rounding activations turns any difference between a verify's rows and single steps into different tokens
+(1e-6 in fp32 became logits 1.1 apart), so it needs the graph's rows to be bit-identical to single steps,
+which the attention's chunked values product gives (trace.EXACT_COLUMNS). int4 keeps fp32 compute: its
+int8-compute kernel differed by up to 1.0 from single steps even within 256 tokens. The export checks rows
+against single steps past 256 slots whatever the kind (validate.check_rows_independent).
 
 A quantized target is a different target: plain decoding and DFlash on it agree token for token (the
 runtime is the same), but both can differ from the fp32 model.
@@ -34,7 +33,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 BITS = {"int8": 8, "int4": 4}
 QUANTIZE = tuple(BITS)
 BLOCK = 32
-ACCURACY_LEVEL = 1  # MatMulNBits: fp32 compute, see the module docstring (4 would be int8 compute)
+ACCURACY_LEVEL = {"int8": 4, "int4": 1}  # MatMulNBits: 4 = int8 compute, 1 = fp32 compute (module docstring)
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -55,7 +54,7 @@ def quantize_target(path: Path, kind: str, standard_ops: bool = False) -> int:
     data = path.with_name(path.name + ".data")
     external = data.exists()  # the trace used external data (past protobuf's 2 GB); keep doing so
     quantizer = MatMulNBitsQuantizer(model, bits=BITS[kind], block_size=BLOCK, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL,
+                                     accuracy_level=ACCURACY_LEVEL[kind],
                                      nodes_to_include=names, op_types_to_quantize=("MatMul",),
                                      quant_format=QuantFormat.QDQ if standard_ops else QuantFormat.QOperator)
     # The quantizer logs every node it visits at INFO (thousands of lines for a real model).

@@ -6,12 +6,52 @@ import warnings
 from pathlib import Path
 
 import torch
+from onnxscript import opset18 as op
 
-from .modeling import BufferedTarget, TargetModel
+from .modeling import BufferedTarget, TargetModel  # registers torch.ops.dflash_edge.values_product
 
 OPSET = 18
 # External data is required past protobuf's 2 GB limit; below it a single file loads faster.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+
+
+# Query rows per product of the attention's values. ONNX Runtime's CPU MatMul sums a reduction in pieces
+# whose length follows the product's column count (1,024 terms up to 16 columns, 512 up to 32, 256 up to
+# 64; one column takes another kernel), so once the cache passes 256 slots a 16-token verify of SmolLM2 (48
+# columns) rounded its rows differently from single steps (3 columns): 1e-6 apart in fp32, different tokens
+# once a quantized graph rounds activations to int8. Products of 2-16 columns all sum alike.
+EXACT_COLUMNS = 16
+
+
+def values_product_onnx(values_t, probs, groups: int):
+    """modeling.values_product as ONNX: the positions in chunks of at most EXACT_COLUMNS // groups, spread
+    evenly (16 tokens with 3 groups: 4 chunks of 4), one batched MatMul that shares the cache operand.
+
+    A step is one chunk of `groups` columns, as before; a verify streams the cache once per chunk, which
+    costs it a few percent at long contexts. The chunk count is computed in the graph from the sequence
+    length, which is why this is written in ONNX ops rather than traced."""
+    def ints(*v):
+        return op.Constant(value_ints=list(v))
+
+    per = max(1, EXACT_COLUMNS // groups)
+    shape = op.Shape(probs)  # [b, kv, groups * s, slots]
+    lead, cols, slots = op.Slice(shape, ints(0), ints(2)), op.Slice(shape, ints(2), ints(3)), op.Slice(shape, ints(3), ints(4))
+    s = op.Div(cols, ints(groups))
+    chunks = op.Div(op.Add(s, ints(per - 1)), ints(per))
+    width = op.Div(op.Add(s, op.Sub(chunks, ints(1))), chunks)
+    p = op.Reshape(probs, op.Concat(lead, ints(groups), s, slots, axis=0))
+    p = op.Pad(p, op.Concat(ints(0, 0, 0, 0, 0, 0, 0, 0), op.Sub(op.Mul(chunks, width), s), ints(0), axis=0))
+    p = op.Reshape(p, op.Concat(lead, ints(groups), chunks, width, slots, axis=0))
+    # [b, kv, chunks, 1, slots, groups * width]: each chunk's columns in (group, position) order
+    p = op.Transpose(p, perm=[0, 1, 3, 5, 2, 4])
+    p = op.Reshape(p, op.Concat(lead, chunks, ints(1), slots, op.Mul(width, ints(groups)), axis=0))
+    out = op.MatMul(op.Unsqueeze(values_t, ints(2)), p)  # [b, kv, chunks, parts, m, groups * width]
+    parts_m = op.Slice(op.Shape(values_t), ints(2), ints(4))
+    out = op.Reshape(out, op.Concat(lead, chunks, parts_m, ints(groups), width, axis=0))
+    out = op.Transpose(out, perm=[0, 1, 3, 4, 5, 2, 6])  # [b, kv, parts, m, groups, chunks, width]
+    out = op.Reshape(out, op.Concat(lead, parts_m, ints(groups), op.Mul(chunks, width), axis=0))
+    out = op.Slice(out, ints(0), s, ints(5))  # drop the padding positions
+    return op.Reshape(out, op.Concat(lead, parts_m, cols, axis=0))
 
 
 def target_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -58,6 +98,7 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes)
             module, args, dynamo=True, opset_version=OPSET,
             input_names=input_names, output_names=output_names,
             dynamic_shapes=tuple(dynamic_shapes), optimize=True, verbose=False,
+            custom_translation_table={torch.ops.dflash_edge.values_product.default: values_product_onnx},
             external_data=size >= EXTERNAL_DATA_THRESHOLD,
         )
     program.save(str(path), external_data=size >= EXTERNAL_DATA_THRESHOLD)

@@ -113,7 +113,7 @@ def validate_target(folder: Path, manifest: dict, target, report: Report, seed: 
     _summarise(report, label, list(got), list(got.values()), ref, tolerance)
     report.exact(label, "next_token_ids", chosen)
     # A verify block of the size the runtime will use against single steps, past 256 cache slots, where
-    # ONNX Runtime's summation order starts to depend on the shape (see check_rows_independent). The
+    # ONNX Runtime's summation order can start to depend on the shape (see check_rows_independent). The
     # cache holds the module's own K/V for a random prefix: noise caches blow rounding up past fp32's.
     context, block = torch.randint(0, vocab, (1, ROW_CHECK_CONTEXT + verify_rows), generator=g).split(
         [ROW_CHECK_CONTEXT, verify_rows], dim=1)
@@ -127,12 +127,12 @@ def check_rows_independent(session, names: list[str], ids: np.ndarray, cache: li
                            report: Report, label: str) -> None:
     """One call over ids (at positions start...) against the same ids one at a time, through one graph.
 
-    DFlash is exact only if a token's logits do not depend on the other tokens verified with it. ONNX
-    Runtime's CPU MatMul sums a reduction longer than 256 in an order that depends on the number of
-    columns, so past 256 tokens of context a verify's rows differ from single steps by ~1e-6 relative in
-    fp32: harmless, and within tolerance. A graph that rounds activations (MatMulNBits' int8 compute)
-    amplifies that to different tokens, and fails here. Held to the export dtype's tolerance whatever
-    the quantization: the same graph on the same inputs has no rounding excuse.
+    DFlash is exact only if a token's logits do not depend on the other tokens verified with it. On ONNX
+    Runtime's CPU provider the exported graph gives the same bits either way (its attention keeps every
+    values product in one summation order, trace.EXACT_COLUMNS); before that, past 256 tokens of context a
+    verify's rows differed from single steps by ~1e-6 relative in fp32, which MatMulNBits' int8 compute
+    amplified to different tokens. Held to the export dtype's tolerance whatever the quantization: the same
+    graph on the same inputs has no rounding excuse.
     """
     n = ids.shape[1]
     outputs = [o.name for o in session.get_outputs()]
