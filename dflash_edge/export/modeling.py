@@ -161,9 +161,10 @@ def values_product(values_t: torch.Tensor, probs: torch.Tensor, groups: int) -> 
     [b, kv, groups * s, slots] (the probabilities of query head g at position i in row g * s + i) ->
     [b, kv, parts, m, groups * s].
 
-    A matmul here; the export writes it in chunks of positions (trace.values_product_onnx) so that a
-    verify's rows get the sums of single steps bit for bit. It is an op of its own because the chunk
-    count follows the sequence length, which torch.export would pin to the example's.
+    A matmul here. The export writes it as one MatMul, or for graphs that round activations (int8) in
+    chunks of positions (trace.values_product_onnx), so that a verify's rows get the sums of single steps
+    bit for bit. It is an op of its own because the chunk count follows the sequence length, which
+    torch.export would pin to the example's.
     """
     return torch.matmul(values_t, probs[:, :, None].transpose(-1, -2))
 

@@ -27,15 +27,17 @@ def values_product_onnx(values_t, probs, groups: int):
     """modeling.values_product as ONNX: the positions in chunks of at most EXACT_COLUMNS // groups, spread
     evenly (16 tokens with 3 groups: 4 chunks of 4), one batched MatMul that shares the cache operand.
 
-    A step is one chunk of `groups` columns, as before; a verify streams the cache once per chunk, which
-    costs it a few percent at long contexts. The chunk count is computed in the graph from the sequence
-    length, which is why this is written in ONNX ops rather than traced."""
+    A step is one chunk of `groups` columns, as before; a verify streams the cache once per chunk. With the
+    shape arithmetic that costs a 16-token verify 7-18 % on 2 AVX2 cores (BENCHMARKS.md, section 7). The
+    chunk count is computed in the graph from the sequence length, which is why this is written in ONNX
+    ops rather than traced."""
     def ints(*v):
         return op.Constant(value_ints=list(v))
 
     per = max(1, EXACT_COLUMNS // groups)
     shape = op.Shape(probs)  # [b, kv, groups * s, slots]
-    lead, cols, slots = op.Slice(shape, ints(0), ints(2)), op.Slice(shape, ints(2), ints(3)), op.Slice(shape, ints(3), ints(4))
+    lead, cols = op.Slice(shape, ints(0), ints(2)), op.Slice(shape, ints(2), ints(3))
+    slots = op.Slice(shape, ints(3), ints(4))
     s = op.Div(cols, ints(groups))
     chunks = op.Div(op.Add(s, ints(per - 1)), ints(per))
     width = op.Div(op.Add(s, op.Sub(chunks, ints(1))), chunks)
@@ -58,7 +60,8 @@ def values_product_onnx(values_t, probs, groups: int):
 def values_product_plain(values_t, probs, groups: int):
     """modeling.values_product as one MatMul (ONNX Runtime folds the transpose into it): the fastest form,
     rows within ~1e-6 of single steps past 256 slots, which is enough where nothing rounds activations."""
-    return op.MatMul(values_t, op.Transpose(op.Unsqueeze(probs, op.Constant(value_ints=[2])), perm=[0, 1, 2, 4, 3]))
+    rows = op.Unsqueeze(probs, op.Constant(value_ints=[2]))  # [b, kv, 1, groups * s, slots]
+    return op.MatMul(values_t, op.Transpose(rows, perm=[0, 1, 2, 4, 3]))
 
 
 def target_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -87,7 +90,7 @@ def export_target(model: TargetModel, path: Path, exact_rows: bool = False) -> d
 
     exact_rows: the attention's values product in chunks (values_product_onnx), so that a verify's rows
     equal single steps bit for bit on ONNX Runtime's CPU provider. Graphs that round activations to int8
-    need it; for the others it would cost a decode step 5 % and a 16-token verify 7-18 % on a 2-core
+    need it; for the others it would cost a decode step 5-24 % and a 16-token verify 7-18 % on a 2-core
     AVX2 CPU (shape arithmetic and transposes in every layer), for differences of ~1e-6."""
     inputs, outputs = target_io_names(model.spec.num_layers)
     seq, slots, kept = torch.export.Dim("seq"), torch.export.Dim("slots"), torch.export.Dim("kept")

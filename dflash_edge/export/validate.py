@@ -127,12 +127,13 @@ def check_rows_independent(session, names: list[str], ids: np.ndarray, cache: li
                            report: Report, label: str) -> None:
     """One call over ids (at positions start...) against the same ids one at a time, through one graph.
 
-    DFlash is exact only if a token's logits do not depend on the other tokens verified with it. On ONNX
-    Runtime's CPU provider the exported graph gives the same bits either way (its attention keeps every
-    values product in one summation order, trace.EXACT_COLUMNS); before that, past 256 tokens of context a
-    verify's rows differed from single steps by ~1e-6 relative in fp32, which MatMulNBits' int8 compute
-    amplified to different tokens. Held to the export dtype's tolerance whatever the quantization: the same
-    graph on the same inputs has no rounding excuse.
+    DFlash is exact only if a token's logits do not depend on the other tokens verified with it. ONNX
+    Runtime's CPU MatMul sums a long reduction in an order that depends on the number of columns, so past
+    256 tokens of context a verify's rows differ from single steps by ~1e-6 relative in fp32: harmless,
+    and within tolerance. A graph that rounds activations (int8) amplifies that into different tokens, so
+    its attention is traced in the form whose rows are bit-identical (trace.EXACT_COLUMNS), and any other
+    such graph fails here. Held to the export dtype's tolerance whatever the quantization: the same graph
+    on the same inputs has no rounding excuse.
     """
     n = ids.shape[1]
     outputs = [o.name for o in session.get_outputs()]
