@@ -96,9 +96,9 @@ def test_buffered_attention_equals_plain_attention_for_any_kv_head_count(kv_head
     values = torch.randn(1, kv_heads, slots, d, generator=g)
     visible = torch.arange(slots)[None, :] <= positions[:, None]
     bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[None, None]
-    got = attend_buffer(q, keys, values.transpose(-1, -2).contiguous(), bias)
+    got = attend_buffer(q, keys, values.transpose(-1, -2).contiguous(), bias, positions)
     end = 10 + seq
-    want = attend(q, keys[:, :, :end], values[:, :, :end], bias[..., :end])
+    want = attend(q, keys[:, :, :end], values[:, :, :end], bias[..., :end]).transpose(1, 2).reshape(1, seq, -1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

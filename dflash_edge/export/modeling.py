@@ -156,31 +156,36 @@ def write_slots(buffer: torch.Tensor, new: torch.Tensor, positions: torch.Tensor
 
 
 @torch.library.custom_op("dflash_edge::values_product", mutates_args=())
-def values_product(values_t: torch.Tensor, probs: torch.Tensor, groups: int) -> torch.Tensor:
-    """The attention's weighted sum of cached values, cache on the left: [b, kv, parts, m, slots] x
-    [b, kv, groups * s, slots] (the probabilities of query head g at position i in row g * s + i) ->
-    [b, kv, parts, m, groups * s].
+def values_product(values_t: torch.Tensor, probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The attention's weighted sum of cached values, cache on the left, and the heads laid out for o_proj:
+    values_t [b, kv, parts, m, slots] (head_dim split in parts of m), probs [b, kv, groups, s, slots],
+    positions [s] -> [b, s, kv * groups * parts * m].
 
     A matmul here. The export writes it as one MatMul, or for graphs that round activations (int8) in
-    chunks of positions (trace.values_product_onnx), so that a verify's rows get the sums of single steps
+    chunks of positions (trace.values_product_onnx) so that a verify's rows get the sums of single steps
     bit for bit. It is an op of its own because the chunk count follows the sequence length, which
-    torch.export would pin to the example's.
+    torch.export would pin to the example's; `positions` gives that length, the same input in every layer
+    so that ONNX Runtime computes the chunk plan once per call.
     """
-    return torch.matmul(values_t, probs[:, :, None].transpose(-1, -2))
+    b, kv, parts, m, slots = values_t.shape
+    groups, s = probs.shape[2], probs.shape[3]
+    out = torch.matmul(values_t, probs.reshape(b, kv, 1, groups * s, slots).transpose(-1, -2))
+    return out.view(b, kv, parts, m, groups, s).permute(0, 5, 1, 4, 2, 3).reshape(b, s, -1)
 
 
 @values_product.register_fake
-def _(values_t: torch.Tensor, probs: torch.Tensor, groups: int) -> torch.Tensor:
+def _(values_t: torch.Tensor, probs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     b, kv, parts, m, _ = values_t.shape
-    return values_t.new_empty(b, kv, parts, m, probs.shape[2])
+    return values_t.new_empty(b, probs.shape[3], kv * probs.shape[2] * parts * m)
 
 
-def attend_buffer(q: torch.Tensor, keys: torch.Tensor, values_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def attend_buffer(q: torch.Tensor, keys: torch.Tensor, values_t: torch.Tensor, bias: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
     """Attention over a whole cache buffer that already holds the new positions' K/V.
 
     q: [b, h, s, d]; keys: [b, kv, slots, d]; values_t: [b, kv, d, slots] (stored transposed); bias: additive
-    [b, 1, s, slots]. Same folding of query heads into KV groups, and the same cache-on-the-left products,
-    as attend_cached.
+    [b, 1, s, slots]; positions: [s]. Returns [b, s, h * d], the layout o_proj takes. Same folding of query
+    heads into KV groups, and the same cache-on-the-left products, as attend_cached.
 
     ONNX Runtime's CPU MatMul gives each product of a batch to one thread, so with an odd number of KV
     heads (SmolLM2 has 3) one of two threads did twice the other's work. With an odd count each head's
@@ -196,9 +201,8 @@ def attend_buffer(q: torch.Tensor, keys: torch.Tensor, values_t: torch.Tensor, b
     scores = torch.matmul(keys.reshape(b, kv, parts, -1, d), qg.transpose(-1, -2))
     scores = scores.reshape(b, kv, slots, groups * s).transpose(-1, -2).float() * (d ** -0.5)
     scores = scores.view(b, kv, groups, s, slots) + bias[:, :, None]
-    probs = torch.softmax(scores, dim=-1).to(values_t.dtype).view(b, kv, groups * s, slots)
-    out = values_product(values_t.reshape(b, kv, parts, -1, slots), probs, groups)
-    return out.reshape(b, kv, d, groups * s).transpose(-1, -2).reshape(b, h, s, d)
+    probs = torch.softmax(scores, dim=-1).to(values_t.dtype)
+    return values_product(values_t.reshape(b, kv, parts, -1, slots), probs, positions)
 
 
 def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -283,7 +287,7 @@ class DecoderLayer(nn.Module):
         k, v = self.self_attn.project_kv(h, cos, sin)
         keys = write_slots(keys, k, positions, 2)
         values_t = write_slots(values_t, v.transpose(-1, -2), positions, 3)
-        x = x + self.self_attn.output(attend_buffer(q, keys, values_t, bias))
+        x = x + self.self_attn.o_proj(attend_buffer(q, keys, values_t, bias, positions))
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, keys, values_t
 

@@ -18,50 +18,57 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 # Query rows per product of the attention's values. ONNX Runtime's CPU MatMul sums a reduction in pieces
 # whose length follows the product's column count (1,024 terms up to 16 columns, 512 up to 32, 256 up to
 # 64; one column takes another kernel), so once the cache passes 256 slots a 16-token verify of SmolLM2 (48
-# columns) rounded its rows differently from single steps (3 columns): 1e-6 apart in fp32, different tokens
-# once a quantized graph rounds activations to int8. Products of 2-16 columns all sum alike.
+# columns) rounded its rows differently from single steps (3 columns): 1e-6 apart in fp32, enough to flip a
+# near-tie, and different tokens once a quantized graph rounds activations to int8. Products of 2-16
+# columns all sum alike.
 EXACT_COLUMNS = 16
 
 
-def values_product_onnx(values_t, probs, groups: int):
+def _ints(*values: int):
+    return op.Constant(value_ints=list(values))
+
+
+def values_product_onnx(values_t, probs, positions):
     """modeling.values_product as ONNX: the positions in chunks of at most EXACT_COLUMNS // groups, spread
     evenly (16 tokens with 3 groups: 4 chunks of 4), one batched MatMul that shares the cache operand.
 
-    A step is one chunk of `groups` columns, as before; a verify streams the cache once per chunk. With the
-    shape arithmetic that costs a 16-token verify 7-18 % on 2 AVX2 cores (BENCHMARKS.md, section 7). The
-    chunk count is computed in the graph from the sequence length, which is why this is written in ONNX
-    ops rather than traced."""
-    def ints(*v):
-        return op.Constant(value_ints=list(v))
-
+    A step is one chunk of `groups` columns, as before; a verify streams the cache once per chunk. The
+    chunk count follows the sequence length, so it is computed in the graph (from `positions`, the same
+    input in every layer, so that ONNX Runtime's common-subexpression pass leaves one copy of it); the
+    reshapes take their other sizes from their input (0) so that no layer computes a shape of its own.
+    """
+    groups = probs.shape[2]
     per = max(1, EXACT_COLUMNS // groups)
-    shape = op.Shape(probs)  # [b, kv, groups * s, slots]
-    lead, cols = op.Slice(shape, ints(0), ints(2)), op.Slice(shape, ints(2), ints(3))
-    slots = op.Slice(shape, ints(3), ints(4))
-    s = op.Div(cols, ints(groups))
-    chunks = op.Div(op.Add(s, ints(per - 1)), ints(per))
-    width = op.Div(op.Add(s, op.Sub(chunks, ints(1))), chunks)
-    p = op.Reshape(probs, op.Concat(lead, ints(groups), s, slots, axis=0))
-    p = op.Pad(p, op.Concat(ints(0, 0, 0, 0, 0, 0, 0, 0), op.Sub(op.Mul(chunks, width), s), ints(0), axis=0))
-    p = op.Reshape(p, op.Concat(lead, ints(groups), chunks, width, slots, axis=0))
-    # [b, kv, chunks, 1, groups * width, slots]: each chunk's rows in (group, position) order. Only outer
-    # axes move, so the slots stay contiguous, and ONNX Runtime folds the last transpose into the MatMul.
-    p = op.Transpose(p, perm=[0, 1, 3, 2, 4, 5])
-    p = op.Reshape(p, op.Concat(lead, chunks, ints(1), op.Mul(width, ints(groups)), slots, axis=0))
-    out = op.MatMul(op.Unsqueeze(values_t, ints(2)), op.Transpose(p, perm=[0, 1, 2, 3, 5, 4]))
-    parts_m = op.Slice(op.Shape(values_t), ints(2), ints(4))
-    out = op.Reshape(out, op.Concat(lead, chunks, parts_m, ints(groups), width, axis=0))
-    out = op.Transpose(out, perm=[0, 1, 3, 4, 5, 2, 6])  # [b, kv, parts, m, groups, chunks, width]
-    out = op.Reshape(out, op.Concat(lead, parts_m, ints(groups), op.Mul(chunks, width), axis=0))
-    out = op.Slice(out, ints(0), s, ints(5))  # drop the padding positions
-    return op.Reshape(out, op.Concat(lead, parts_m, cols, axis=0))
+    s = op.Shape(positions)
+    chunks = op.Div(op.Add(s, _ints(per - 1)), _ints(per))
+    width = op.Div(op.Sub(op.Add(s, chunks), _ints(1)), chunks)
+    pad = op.Sub(op.Mul(chunks, width), s)
+    p = op.Pad(probs, op.Concat(_ints(0, 0, 0, 0, 0, 0, 0, 0), pad, _ints(0), axis=0))
+    p = op.Reshape(p, op.Concat(_ints(0, 0, 0), chunks, width, _ints(-1), axis=0))  # [b, kv, G, chunks, w, slots]
+    # [b, kv, chunks, 1, G * w, slots]: only outer axes move, so the slots stay contiguous, and ONNX
+    # Runtime folds the transpose after it into the MatMul.
+    p = op.Reshape(op.Transpose(p, perm=[0, 1, 3, 2, 4, 5]), _ints(0, 0, 0, 1, -1, 0))
+    out = op.MatMul(op.Unsqueeze(values_t, _ints(2)), op.Transpose(p, perm=[0, 1, 2, 3, 5, 4]))
+    out = op.Reshape(out, _ints(0, 0, 0, 0, 0, groups, -1))  # [b, kv, chunks, parts, m, G, w]
+    out = op.Transpose(out, perm=[0, 2, 6, 1, 5, 3, 4])  # [b, chunks, w, kv, G, parts, m]
+    out = op.Reshape(out, _ints(0, -1, _head_features(values_t, groups)))
+    return op.Slice(out, _ints(0), s, _ints(1))  # drop the padding positions
 
 
-def values_product_plain(values_t, probs, groups: int):
-    """modeling.values_product as one MatMul (ONNX Runtime folds the transpose into it): the fastest form,
-    rows within ~1e-6 of single steps past 256 slots, which is enough where nothing rounds activations."""
-    rows = op.Unsqueeze(probs, op.Constant(value_ints=[2]))  # [b, kv, 1, groups * s, slots]
-    return op.MatMul(values_t, op.Transpose(rows, perm=[0, 1, 2, 4, 3]))
+def values_product_plain(values_t, probs, positions):
+    """modeling.values_product as one MatMul (ONNX Runtime folds the transpose into it): rows within ~1e-6
+    of single steps past 256 slots."""
+    groups = probs.shape[2]
+    rows = op.Reshape(probs, _ints(0, 0, 1, -1, 0))  # [b, kv, 1, G * s, slots]
+    out = op.MatMul(values_t, op.Transpose(rows, perm=[0, 1, 2, 4, 3]))  # [b, kv, parts, m, G * s]
+    out = op.Transpose(op.Reshape(out, _ints(0, 0, 0, 0, groups, -1)), perm=[0, 5, 1, 4, 2, 3])
+    return op.Reshape(out, _ints(0, 0, _head_features(values_t, groups)))
+
+
+def _head_features(values_t, groups: int) -> int:
+    """heads x head_dim, from the static dims of values_t [b, kv, parts, m, slots]."""
+    _, kv, parts, m, _ = values_t.shape
+    return int(kv) * groups * int(parts) * int(m)
 
 
 def target_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -89,9 +96,11 @@ def export_target(model: TargetModel, path: Path, exact_rows: bool = False) -> d
     """Write target.onnx (BufferedTarget: batch 1, the cache written in place); returns the IO names.
 
     exact_rows: the attention's values product in chunks (values_product_onnx), so that a verify's rows
-    equal single steps bit for bit on ONNX Runtime's CPU provider. Graphs that round activations to int8
-    need it; for the others it would cost a decode step 5-24 % and a 16-token verify 7-18 % on a 2-core
-    AVX2 CPU (shape arithmetic and transposes in every layer), for differences of ~1e-6."""
+    equal single steps bit for bit on ONNX Runtime's CPU provider. Graphs that round activations (int8)
+    need it. Against one product it cost SmolLM2 on 2 AVX2 cores 0-5 % on a decode step, 5-15 % on a
+    16-token verify and about 9 % on a prefill (three runs, noisy; the extra ops of every layer, not the
+    arithmetic), for differences of ~1e-6 where nothing rounds activations, so the others keep one product.
+    """
     inputs, outputs = target_io_names(model.spec.num_layers)
     seq, slots, kept = torch.export.Dim("seq"), torch.export.Dim("slots"), torch.export.Dim("kept")
     shapes = [{1: seq}, {1: seq}, {0: kept}]

@@ -131,9 +131,9 @@ def check_rows_independent(session, names: list[str], ids: np.ndarray, cache: li
     Runtime's CPU MatMul sums a long reduction in an order that depends on the number of columns, so past
     256 tokens of context a verify's rows differ from single steps by ~1e-6 relative in fp32: harmless,
     and within tolerance. A graph that rounds activations (int8) amplifies that into different tokens, so
-    its attention is traced in the form whose rows are bit-identical (trace.EXACT_COLUMNS), and any other
-    such graph fails here. Held to the export dtype's tolerance whatever the quantization: the same graph
-    on the same inputs has no rounding excuse.
+    its attention is traced in the form whose rows are bit-identical on that provider (trace.EXACT_COLUMNS),
+    and a graph that still strays fails here. Held to the export dtype's tolerance whatever the
+    quantization: the same graph on the same inputs has no rounding excuse.
     """
     n = ids.shape[1]
     outputs = [o.name for o in session.get_outputs()]
