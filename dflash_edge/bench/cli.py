@@ -236,6 +236,10 @@ def main(argv=None) -> int:
               **{b.name: b.version for b in baselines}, "summary": summary, "prompts": results}
     table = markdown(report)
     print(table)
+    # A run takes many minutes: an output folder that does not exist yet is made, not a reason to lose it.
+    for path in (args.markdown, args.json, args.plot):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.json:
