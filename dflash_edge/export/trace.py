@@ -33,9 +33,9 @@ def values_product_onnx(values_t, probs, positions):
     evenly (16 tokens with 3 groups: 4 chunks of 4), one batched MatMul that shares the cache operand.
 
     A step is one chunk of `groups` columns, as before; a verify streams the cache once per chunk. The
-    chunk count follows the sequence length, so it is computed in the graph (from `positions`, the same
-    input in every layer, so that ONNX Runtime's common-subexpression pass leaves one copy of it); the
-    reshapes take their other sizes from their input (0) so that no layer computes a shape of its own.
+    chunk count follows the sequence length, so it is computed in the graph from `positions`, the same
+    input in every layer, which the exporter's optimizer reduces to one copy of the arithmetic (each layer
+    keeps two Concats of it); the reshapes take their other sizes from their input (0).
     """
     groups = probs.shape[2]
     per = max(1, EXACT_COLUMNS // groups)
