@@ -10,7 +10,7 @@ stays in the export dtype.
 DFlash stays exact on a quantized target only if a token's logits do not depend on the other tokens verified
 with it. Per-tensor activation scales (quantize_dynamic) mix the tokens of a verify outright, so they are
 never used. int8 runs MatMulNBits' int8 compute (accuracy level 4): each token's activations are rounded
-to int8 on their own (one scale per token and block of 32); on 2 AVX2 cores it decodes plainly 1.3-1.4x
+to int8 on their own (one scale per token and block of 32); on 2 AVX2 cores it decodes plainly 1.26-1.44x
 faster than fp32 (a 16-token verify is slow, 5.6 steps), where the fp32-compute kernel of int8 weights
 (level 1) was 7-9x slower than fp32.
 Rounding activations turns any difference between a verify's rows and single steps into different tokens
