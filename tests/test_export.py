@@ -84,8 +84,8 @@ def test_onnx_runtime_fuses_every_rms_norm_of_the_target(tiny, tmp_path):
 @pytest.mark.parametrize("kv_heads", [1, 2, 3])
 @pytest.mark.parametrize("groups, seq", [(2, 3), (3, 1), (3, 16), (2, 9), (1, 20)])
 def test_buffered_attention_equals_plain_attention_for_any_kv_head_count(kv_heads, groups, seq):
-    # With an odd number of KV heads the exported attention splits each head's products in two, and it
-    # takes the values product in chunks of positions (a 16-token verify with 3 groups: 4 chunks of 4).
+    # With an odd number of KV heads the exported attention splits each head's products in two, and the
+    # values product hands the heads back laid out for o_proj, [1, seq, heads * d], whatever the grouping.
     from dflash_edge.export.modeling import attend, attend_buffer
 
     g = torch.Generator().manual_seed(kv_heads)

@@ -51,7 +51,8 @@ def values_product_onnx(values_t, probs, positions):
     out = op.MatMul(op.Unsqueeze(values_t, _ints(2)), op.Transpose(p, perm=[0, 1, 2, 3, 5, 4]))
     out = op.Reshape(out, _ints(0, 0, 0, 0, 0, groups, -1))  # [b, kv, chunks, parts, m, G, w]
     out = op.Transpose(out, perm=[0, 2, 6, 1, 5, 3, 4])  # [b, chunks, w, kv, G, parts, m]
-    out = op.Reshape(out, _ints(0, -1, _head_features(values_t, groups)))
+    _, kv, parts, m, _ = values_t.shape
+    out = op.Reshape(out, _ints(0, -1, int(kv) * groups * int(parts) * int(m)))  # [b, chunks * w, h * d]
     return op.Slice(out, _ints(0), s, _ints(1))  # drop the padding positions
 
 
@@ -66,12 +67,6 @@ def values_product_plain(values_t, probs, positions):
     out = op.Transpose(op.Reshape(out, _ints(0, 0, d, -1)), perm=[0, 1, 3, 2])  # [b, kv, G * s, d]
     out = op.Reshape(out, _ints(0, int(kv) * groups, -1, d))  # [b, h, s, d]
     return op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), _ints(0, 0, -1))
-
-
-def _head_features(values_t, groups: int) -> int:
-    """heads x head_dim, from the static dims of values_t [b, kv, parts, m, slots]."""
-    _, kv, parts, m, _ = values_t.shape
-    return int(kv) * groups * int(parts) * int(m)
 
 
 def target_io_names(num_layers: int) -> tuple[list[str], list[str]]:
