@@ -117,19 +117,21 @@ class DFlashModel:
     def generate(self, prompt: str | Messages, max_new_tokens: int = 256, block_size: int | None = None,
                  system: str | None = None, raw: bool = False, on_text: Callable[[str], None] | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 cancel: threading.Event | None = None) -> Result:
+                 lookup: bool = True, cancel: threading.Event | None = None) -> Result:
         """The reply, blocking. Greedy at temperature 0 (the default), else sampled (top_p, top_k; seed
         for a reproducible draw); either way DFlash's output is distributed exactly as plain decoding's.
         block_size 1 decodes plainly, N drafts N - 1 tokens a round; None (the default) picks the size
-        each round, up to the drafter's trained size, from measured costs and acceptance. on_text gets
-        the reply's text piece by piece; setting `cancel` stops it after the current round."""
+        each round, up to the drafter's trained size, from measured costs and acceptance, and then also
+        verifies drafts copied from earlier in the context where they pay more (lookup=False: the
+        drafter's only). on_text gets the reply's text piece by piece; setting `cancel` stops it after
+        the current round."""
         ids = self.prompt_ids(prompt, system, raw)
         sampling = Sampling(temperature, top_k, top_p, seed).check()
         stream = StreamDecoder(self.model.tokenizer) if on_text else None
         on_tokens = (lambda new: on_text(stream.push(new))) if on_text else None
         with self._lock:
             out, stats = generate(self.model, ids, max_new_tokens, block_size, on_tokens=on_tokens,
-                                  sampling=sampling, cancel=cancel)
+                                  sampling=sampling, lookup=lookup, cancel=cancel)
         return Result(self.model.tokenizer.decode(out), out, stats)
 
     def stream(self, prompt: str | Messages, max_new_tokens: int = 256, *,

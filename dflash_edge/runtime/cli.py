@@ -17,6 +17,9 @@ def parse_args(argv):
                    help="tokens per draft/verify round (default: chosen each round, up to the drafter's "
                         "trained size, from measured costs and acceptance)")
     p.add_argument("--no-draft", action="store_true", help="plain decoding, even if the folder has a drafter")
+    p.add_argument("--no-lookup", action="store_true",
+                   help="draft with the drafter only: no drafts copied from earlier in the context (the "
+                        "per-round choice uses both by default)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 (default) decodes greedily; above it the reply is sampled, still losslessly")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     if args.compare and args.temperature > 0 and args.seed is None:
         sampling["seed"] = 0  # the same draw for both runs, so their outputs can be compared
     result = model.generate(text, args.max_new_tokens, block, system=args.system, raw=args.raw, on_text=printer,
-                            **sampling)
+                            lookup=not args.no_lookup, **sampling)
     stats = result.stats
     plain = None
     if args.compare:
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 1 if plain and plain.token_ids != result.token_ids else 0
     spec = f", tau {stats.tau:.2f} at block {block or 'auto'}" if drafting else ""
+    if stats.lookup_rounds:
+        spec += f" ({stats.lookup_tokens} tokens from {stats.lookup_rounds} rounds of prompt lookup)"
     print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
           f"first token {stats.ttft_s * 1000:.0f} ms{spec}, {stats.finish_reason}]", file=sys.stderr)
     if args.profile:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
+from .lookup import PromptLookup
 from .model import ExportedModel, TargetStep
 from .policy import BlockPolicy
 from .sampling import Sampler, Sampling
@@ -37,6 +38,8 @@ class GenerationStats:
     block_size: int = 1
     acceptance: Counter = field(default_factory=Counter)  # tokens committed per round -> count
     blocks: Counter = field(default_factory=Counter)      # block size chosen per round -> count (adaptive)
+    lookup_rounds: int = 0                                # rounds that verified prompt-lookup drafts
+    lookup_tokens: int = 0                                # tokens those rounds committed
     ttft_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0
@@ -66,6 +69,8 @@ class GenerationStats:
             "rounds": self.rounds,
             "tau": round(self.tau, 3),
             "acceptance_histogram": {str(k): self.acceptance[k] for k in sorted(self.acceptance)},
+            "lookup_rounds": self.lookup_rounds,
+            "lookup_tokens": self.lookup_tokens,
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
             "other_s": round(max(0.0, self.decode_s - self.draft_s - self.verify_s), 4),
@@ -84,17 +89,21 @@ def check_request(model: ExportedModel, prompt_ids: list[int], max_new_tokens: i
 def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
              block_size: int | None = None, on_tokens: Callable[[list[int]], None] | None = None,
              draft_fn: DraftFn | None = None, rewrite_drafts: RewriteFn | None = None,
-             sampling: Sampling | None = None,
+             sampling: Sampling | None = None, lookup: bool = True,
              cancel: threading.Event | None = None) -> tuple[list[int], GenerationStats]:
     """block_size 1 is plain decoding, N > 1 drafts N - 1 tokens every round, and None picks the size
-    each round (up to the drafter's trained size) from measured costs and acceptance. sampling: greedy
-    when None. cancel: set it from another thread to stop after the current round (finish reason
-    "cancelled"; the tokens emitted so far are returned)."""
+    each round (up to the drafter's trained size) from measured costs and acceptance. lookup: with None,
+    rounds may also verify prompt-lookup drafts (lookup.py) instead of the drafter's, where their
+    running acceptance says they pay more. sampling: greedy when None. cancel: set it from another
+    thread to stop after the current round (finish reason "cancelled"; the tokens emitted so far are
+    returned)."""
     sampler = Sampler(sampling or Sampling())
     check_request(model, prompt_ids, max_new_tokens)
-    policy = None
+    policy = lookup_policy = finder = None
     if block_size is None and draft_fn is None and model.has_drafter:
         policy = BlockPolicy(model.round_costs())
+        if lookup:
+            lookup_policy, finder = BlockPolicy(model.verify_costs()), PromptLookup(prompt_ids)
     block_size = model.check_block_size(block_size) if draft_fn is None else block_size
     # Never run past the context: the last position written is prompt + new - 1.
     max_new_tokens = min(max_new_tokens, model.max_context - len(prompt_ids))
@@ -118,6 +127,8 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
     first, pending = model.prefill(prompt_ids, cache, logits=not greedy, taps=use_drafter)
     token = target_choice(first, -1, len(prompt_ids))
     out = [token]
+    if finder:
+        finder.extend(out)
     stats.ttft_s = time.perf_counter() - t0
     emit([token])
 
@@ -131,10 +142,22 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
             finish = "cancelled"
             break
         t_round = time.perf_counter()
-        chosen = policy.choose() if policy else block_size
-        block = min(chosen, max_new_tokens - len(out) + 1)  # never draft past max_new_tokens
-        drafts: list[int] = []
-        if block > 1:
+        left = max_new_tokens - len(out) + 1  # never draft past max_new_tokens
+        proposal = finder.propose(min(top, left) - 1) if finder else []
+        looked_up = False
+        if proposal:
+            block = lookup_policy.choose(limit=len(proposal) + 1)
+            # Copied drafts cost no drafter pass; take them where they promise more tokens per unit of
+            # cost than the drafter's best block.
+            looked_up = block > 1 and (lookup_policy.tokens_per_cost(block)[-1]
+                                       >= policy.tokens_per_cost().max())
+        if looked_up:
+            drafts = proposal[:block - 1]
+        else:
+            chosen = policy.choose() if policy else block_size
+            block = min(chosen, left)
+            drafts = []
+        if block > 1 and not looked_up:
             t = time.perf_counter()
             if use_drafter:
                 # Projection waits for a round that drafts: plain rounds skip the drafter entirely.
@@ -163,8 +186,13 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
         if use_drafter:
             pending.append((step.taps, accepted + 1))
         start += accepted + 1
-        if policy:
+        if looked_up:
+            lookup_policy.update(block, accepted)
+            stats.lookup_rounds += 1
+            stats.lookup_tokens += accepted + 1
+        elif policy:
             policy.update(block, accepted, time.perf_counter() - t_round)
+        if policy:
             stats.blocks[block] += 1
         token = new[-1]
 
@@ -176,6 +204,8 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
         stats.rounds += 1
         stats.acceptance[len(new)] += 1
         out += new
+        if finder:
+            finder.extend(new)
         emit(new)
 
     stats.decode_s = time.perf_counter() - t_decode

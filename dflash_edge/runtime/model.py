@@ -162,7 +162,14 @@ class ExportedModel:
         return binding.get_outputs()[0].numpy()[0].tolist()
 
     def round_costs(self):
-        """Cost of a round per block size in plain decode steps; measured on first use, then kept."""
+        """Cost of a drafter's round per block size in plain decode steps; measured on first use, then kept."""
+        return self._costs()[1]
+
+    def verify_costs(self):
+        """Cost of verifying b tokens (a prompt-lookup round: no drafter pass), in plain decode steps."""
+        return self._costs()[0]
+
+    def _costs(self):
         if self._round_costs is None:
             from .policy import measure_costs
             self._round_costs = measure_costs(self)

@@ -35,8 +35,9 @@ def run_times(fn, repeats: int) -> list[float]:
     return times
 
 
-def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> np.ndarray:
-    """Cost of a round with block b (verify b tokens + draft b - 1), in plain decode steps, for b = 0..B.
+def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Cost of a round with block b in plain decode steps, for b = 0..B: verifying b tokens alone (a round
+    of prompt-lookup drafts), and verifying b tokens plus drafting b - 1 (a drafter's round).
 
     Measured at the sizes above and interpolated between them; a few hundred milliseconds at start-up.
     """
@@ -49,15 +50,18 @@ def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> 
         return min(run_times(fn, repeats))  # the least disturbed run: costs are compared, noise only blurs them
 
     sizes = [b for b in MEASURED_BLOCKS if b < top] + [top]
-    seconds = {}
+    verify, draft = {}, {}
     for b in sizes:
         # A drafting round's verify also returns its taps, for the next round's context.
-        verify = best_of(lambda: model.run_target([1] * b, cache, last_only=False, taps=b > 1))
-        draft = best_of(lambda: model.draft(1, context, b, draft_cache)) if b > 1 else 0.0
-        seconds[b] = verify + draft
-    costs = np.interp(np.arange(top + 1), sizes, [seconds[b] / seconds[1] for b in sizes])
-    costs[0] = np.inf
-    return costs
+        verify[b] = best_of(lambda: model.run_target([1] * b, cache, last_only=False, taps=b > 1))
+        draft[b] = best_of(lambda: model.draft(1, context, b, draft_cache)) if b > 1 else 0.0
+
+    def in_steps(seconds: dict) -> np.ndarray:
+        costs = np.interp(np.arange(top + 1), sizes, [seconds[b] / verify[1] for b in sizes])
+        costs[0] = np.inf
+        return costs
+
+    return in_steps(verify), in_steps({b: verify[b] + draft[b] for b in sizes})
 
 
 class BlockPolicy:
@@ -100,11 +104,16 @@ class BlockPolicy:
             rates.append(prior)
         return rates
 
-    def choose(self) -> int:
+    def tokens_per_cost(self, limit: int | None = None) -> np.ndarray:
+        """Expected tokens per unit of cost of a round with block b, for b = 1..limit (default: all)."""
         expected = 1.0 + np.concatenate([[0.0], np.cumsum(np.cumprod(self.rates()))])  # tokens, b = 1..B
         costs = self.costs[1:].copy()
         costs[1:] *= self.drafting_factor
-        block = int(np.argmax(expected / costs)) + 1
+        return (expected / costs)[:limit]
+
+    def choose(self, limit: int | None = None) -> int:
+        """The block for the next round, at most `limit` (a prompt-lookup proposal's length + 1)."""
+        block = int(np.argmax(self.tokens_per_cost(limit))) + 1
         if block > 1 and self.timed and (self.step_s is None or self.since_plain >= self.RETIME_EVERY):
             block = 1  # time a plain step: the yardstick for the drafting rounds' times
         if block == 1:
