@@ -66,7 +66,7 @@ if [ $DRY = 1 ]; then
 else
     "$PY" -m dflash_edge.export.cli --model smollm2-135m --dtype "$DTYPE" --output "$WORK/small/onnx" --force
 fi
-bench smollm2 "$WORK/small/onnx" --block-size auto 16
+bench smollm2 "$WORK/small/onnx" --block-size auto auto-drafter 16
 # Can ORT replay the decode step as a CUDA graph, and what would it save? (reports "not available" on CPU)
 "$PY" -m dflash_edge.bench.gpu_probes cuda-graph --model "$WORK/small/onnx" --json "$OUT/cuda_graph.json" >&2
 # TensorRT, where the provider is installed: engine build on the first run, engine-cache load after.

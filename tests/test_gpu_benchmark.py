@@ -16,10 +16,11 @@ def test_gpu_benchmark_dry_run_checks_exactness_and_prints_the_table_last(tmp_pa
     title = max(i for i, line in enumerate(lines) if line.startswith("GPU benchmark ("))
     assert lines[title] == "GPU benchmark (tiny, 4 layers, fp32, provider cpu)"
     assert lines[title + 2].startswith("| model | mode | plain tok/s | DFlash tok/s | speed-up | tau | ideal |")
-    assert len(lines) == title + 8 and all(line.startswith("|") for line in lines[title + 2:])  # the table is last
+    assert len(lines) == title + 9 and all(line.startswith("|") for line in lines[title + 2:])  # the table is last
     result = json.loads((tmp_path / "gpu.json").read_text())
     modes = {(r["model"], r["mode"]) for r in result["rows"]}
-    assert {("small", "dflash@auto"), ("small", "dflash@16"), ("llama", "oracle6.5@16")} <= modes
+    assert {("small", "dflash@auto"), ("small", "dflash@auto-drafter"), ("small", "dflash@16"),
+            ("llama", "oracle6.5@16")} <= modes
     assert all(r["mismatches"] == 0 for r in result["rows"])
     oracle = next(r for r in result["rows"] if r["mode"] == "oracle6.5@16")
     assert oracle["tau"] > 4 and "overhead" in oracle and oracle["ideal_speedup"] > 1

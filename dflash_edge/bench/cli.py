@@ -29,8 +29,10 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each dataset")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--block-size", nargs="+", default=None,
-                   help="DFlash block sizes to run: numbers, or 'auto' for the per-round choice the runtime "
-                        "makes by default (default: auto and the drafter's trained size)")
+                   help="DFlash block sizes to run: numbers, 'auto' for the per-round choice the runtime "
+                        "makes by default (the drafter's drafts or ones copied from the context by prompt "
+                        "lookup), or 'auto-drafter' for that choice with the drafter's drafts only "
+                        "(default: auto, auto-drafter and the drafter's trained size)")
     p.add_argument("--oracle-tau", type=float, nargs="*", default=[],
                    help="also run DFlash with oracle drafts at these mean acceptance lengths (1..block size)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers generate baseline")
@@ -64,18 +66,18 @@ def load_dataset(name: str) -> list[str]:
     return prompts
 
 
-def parse_block(model, text: str) -> int | None:
-    """'auto' -> None (the runtime's per-round choice), else a block size the drafter supports."""
-    if text == "auto":
-        return None
+AUTO = {"auto": True, "auto-drafter": False}  # per-round choice -> whether prompt lookup takes part
+
+
+def parse_block(model, text: str) -> tuple[str, int | None, bool]:
+    """A --block-size value -> (mode name, block size for generate(), prompt lookup on)."""
+    if text in AUTO:
+        return f"dflash@{text}", None, AUTO[text]
     try:
-        return model.check_block_size(int(text))
+        block = model.check_block_size(int(text))
     except ValueError:
-        raise UserError(f"--block-size takes numbers or 'auto', got {text!r}") from None
-
-
-def mode_name(block: int | None) -> str:
-    return f"dflash@{block or 'auto'}"
+        raise UserError(f"--block-size takes numbers, 'auto' or 'auto-drafter', got {text!r}") from None
+    return f"dflash@{block}", block, False
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
     model = dflash.model
     if not model.has_drafter:
         raise UserError(f"{args.model} has no drafter; export it with one (dflash-export --drafter ...)")
-    blocks = [parse_block(model, b) for b in (args.block_size or ["auto", str(model.block_size)])]
+    modes = [parse_block(model, b) for b in (args.block_size or ["auto", "auto-drafter", str(model.block_size)])]
     trained = model.block_size
     for t in args.oracle_tau:
         if not 1 <= t <= trained:
@@ -182,15 +184,15 @@ def main(argv=None) -> int:
     baselines = load_baselines(args, model)
     vocab = int(model.target_info["vocab_size"])
 
-    def run(m, ids, block, rewrite=None):
-        out, stats = generate(m, ids, args.max_new_tokens, block, rewrite_drafts=rewrite)
+    def run(m, ids, block, rewrite=None, lookup=False):
+        out, stats = generate(m, ids, args.max_new_tokens, block, rewrite_drafts=rewrite, lookup=lookup)
         return {"tokens": out, **stats.as_dict()}
 
     # Warm every path up so the first prompt does not pay session initialisation.
     warm = dflash.prompt_ids("Hello")
     run(plain, warm, 1)
-    for b in blocks:
-        run(model, warm, b)  # 'auto' measures its round costs here, once
+    for _, block, lookup in modes:
+        run(model, warm, block, lookup=lookup)  # 'auto' measures its round costs here, once
     calibration = calibrate(model, trained)
     calibration["context_growth"] = context_growth(plain)
     print(f"  calibration: verify {trained} tokens = {calibration['verify_ratio']:.2f} steps, draft = "
@@ -212,8 +214,8 @@ def main(argv=None) -> int:
                 continue
             runs = {"plain": timed(lambda: run(plain, ids, 1))}
             reference = runs["plain"]["tokens"]
-            for b in blocks:
-                runs[mode_name(b)] = timed(lambda: run(model, ids, b))
+            for name_, block, lookup in modes:
+                runs[name_] = timed(lambda: run(model, ids, block, lookup=lookup))
             for tau in args.oracle_tau:
                 oracle = OracleDrafts(reference, tau, vocab, seed=n)
                 runs[f"oracle{tau:g}@{trained}"] = timed(lambda: run(model, ids, trained, oracle))
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
             rows.append({"prompt_tokens": len(ids), "runs": runs})
             done += 1
             eta = (time.perf_counter() - t0) / done * (total - done)
-            taus = " ".join(f"tau@{b or 'auto'} {runs[mode_name(b)]['tau']:.2f}" for b in blocks)
+            taus = " ".join(f"tau@{mode.split('@')[1]} {runs[mode]['tau']:.2f}" for mode, _, _ in modes)
             print(f"  [{done}/{total}] {name}: plain {runs['plain']['decode_tokens_per_s']:.1f} tok/s, {taus}, "
                   f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
         if not rows:

@@ -46,6 +46,8 @@ def summarize_mode(rows: list[dict], mode: str) -> dict:
         s["acceptance_histogram"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
         s["draft_share"] = sum(r["draft_s"] for r in runs) / max(1e-9, sum(r["decode_s"] for r in runs))
         s["verify_share"] = sum(r["verify_s"] for r in runs) / max(1e-9, sum(r["decode_s"] for r in runs))
+        # Share of the reply's tokens that came from rounds verifying prompt-lookup drafts.
+        s["lookup_share"] = sum(r.get("lookup_tokens", 0) for r in runs) / max(1, sum(r["new_tokens"] for r in runs))
     if mode != "plain":
         s["mismatches"] = sum(run["tokens"] != p["tokens"] for run, p in zip(runs, plain))
     return s
@@ -64,7 +66,7 @@ def markdown(report: dict) -> str:
             lines += [f"Plain decode step: {steps['100']} ms at 100 tokens of context, {steps['2000']} ms at "
                       f"2000 (+{growth['growth']:.0%}).", ""]
     lines += ["| dataset | prompts | method | decode tok/s | end-to-end tok/s | TTFT ms | vs plain | "
-              "vs transformers | tau | exact |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "vs transformers | tau | exact | from lookup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
@@ -74,8 +76,10 @@ def markdown(report: dict) -> str:
             exact = "-" if "mismatches" not in s or mode in BASELINES else f"{ds['prompts'] - s['mismatches']}/{ds['prompts']}"
             vs_plain = fmt(s.get("speedup_vs_plain"), ".2f") + ("x" if s.get("speedup_vs_plain") else "")
             vs_hf = fmt(s.get("speedup_vs_transformers"), ".2f") + ("x" if s.get("speedup_vs_transformers") else "")
+            lookup = f"{s['lookup_share']:.0%}" if s.get("lookup_share") else "-"
             lines.append(f"| {name} | {ds['prompts']} | {mode} | {s['decode_tok_s']:.1f} | {s['e2e_tok_s']:.1f} | "
-                         f"{s['ttft_ms']:.0f} | {vs_plain} | {vs_hf} | {fmt(s.get('tau_mean'), '.2f')} | {exact} |")
+                         f"{s['ttft_ms']:.0f} | {vs_plain} | {vs_hf} | {fmt(s.get('tau_mean'), '.2f')} | {exact} | "
+                         f"{lookup} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,80 @@
+"""Prompt lookup: drafts copied from the context are verified like the drafter's and change nothing."""
+import random
+
+import pytest
+
+from dflash_edge.runtime.generate import generate
+from dflash_edge.runtime.lookup import PromptLookup
+from dflash_edge.runtime.model import ExportedModel
+from dflash_edge.runtime.sampling import Sampling
+
+
+def test_the_latest_earlier_occurrence_of_the_ending_is_continued():
+    assert PromptLookup([5, 6, 7, 8, 5, 6]).propose(3) == [7, 8, 5]
+    assert PromptLookup([1, 2, 7, 1, 2, 8, 1, 2]).propose(3) == [8, 1, 2]  # the latest, not the first
+    assert PromptLookup([1, 2, 7, 1, 2, 8, 1, 2]).propose(1) == [8]
+
+
+def test_a_longer_matching_ending_wins_over_a_more_recent_shorter_one():
+    ids = [1, 2, 3, 9, 7, 2, 3, 8, 1, 2, 3]
+    assert PromptLookup(ids).propose(2) == [9, 7]            # [1, 2, 3] occurred at the start
+    assert PromptLookup(ids, longest=2).propose(2) == [8, 1]  # only pairs: [2, 3] last occurred before 8
+
+
+def test_no_proposal_without_an_earlier_occurrence():
+    assert PromptLookup([1, 2, 3, 4]).propose(5) == []
+    assert PromptLookup([4]).propose(5) == []
+    assert PromptLookup([]).propose(5) == []
+    assert PromptLookup([3, 1, 3]).propose(5) == []  # a single token is too short a match by default
+    assert PromptLookup([3, 1, 3], shortest=1).propose(5) == [1, 3]
+
+
+def test_a_repeated_token_proposes_more_of_it():
+    assert PromptLookup([4, 9, 9, 9]).propose(4) == [9]  # all the context has after the earlier [9, 9]
+
+
+def test_growing_the_sequence_proposes_what_a_fresh_lookup_would():
+    rng = random.Random(0)
+    ids = [rng.randrange(6) for _ in range(300)]
+    grown = PromptLookup(ids[:10])
+    done = 10
+    while done < len(ids):
+        step = rng.randrange(1, 5)
+        grown.extend(ids[done:done + step])
+        done += step
+        assert grown.propose(7) == PromptLookup(ids[:done]).propose(7)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    model = ExportedModel(tiny_llama[2])
+    model.stop_token_ids = set()
+    return model
+
+
+REPETITIVE = "one two three four one two three four one two three four one two"
+
+
+def test_lookup_rounds_are_lossless_and_taken_where_the_reply_repeats(llama):
+    ids = llama.tokenizer.encode(REPETITIVE)
+    plain = generate(llama, ids, 80, block_size=1)[0]
+    got, stats = generate(llama, ids, 80)  # the per-round choice, prompt lookup included
+    assert got == plain
+    # A tiny random model's greedy reply loops, so copied drafts land: the path above was exercised.
+    assert stats.lookup_rounds > 0 and stats.lookup_tokens > stats.lookup_rounds
+    assert stats.as_dict()["lookup_tokens"] == stats.lookup_tokens
+    without, stats = generate(llama, ids, 80, lookup=False)
+    assert without == plain and stats.lookup_rounds == 0
+
+
+def test_lookup_rounds_keep_sampling_exact(llama):
+    """Copied drafts depend only on committed tokens, so each seed draws the same reply as plain sampling."""
+    ids = llama.tokenizer.encode(REPETITIVE)
+    used = 0
+    for seed in range(12):
+        sampling = Sampling(0.3, seed=seed)
+        plain = generate(llama, ids, 40, block_size=1, sampling=sampling)[0]
+        got, stats = generate(llama, ids, 40, sampling=sampling)
+        assert got == plain, f"seed {seed}"
+        used += stats.lookup_rounds
+    assert used > 0
