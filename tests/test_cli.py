@@ -19,7 +19,8 @@ def test_generate_json_reports_text_ids_and_speculative_stats(tiny_llama):
     assert out.returncode == 0, out.stderr.decode()
     d = json.loads(out.stdout)
     for key in ("text", "token_ids", "prompt_tokens", "ttft_s", "decode_tokens_per_s", "tau", "rounds",
-                "acceptance_histogram", "draft_s", "verify_s", "block_size", "finish_reason"):
+                "acceptance_histogram", "draft_s", "verify_s", "block_size", "finish_reason", "lookup_rounds",
+                "lookup_tokens"):
         assert key in d, key
     assert 1 <= len(d["token_ids"]) <= 12 and d["block_size"] == "auto"
     assert sum(d["block_histogram"].values()) == d["rounds"]
@@ -30,6 +31,13 @@ def test_generate_json_reports_text_ids_and_speculative_stats(tiny_llama):
                                        "--json", "--no-draft"]).stdout)
     assert plain["token_ids"] == d["token_ids"] and plain["text"] == d["text"]
     assert plain["block_size"] == 1
+    repetitive = ["one two three one two three one two three one two"]
+    drafter_only = json.loads(run(GENERATE + ["--model", str(tiny_llama[2]), *repetitive, "--max-new-tokens", "40",
+                                              "--json", "--no-lookup"]).stdout)
+    both = json.loads(run(GENERATE + ["--model", str(tiny_llama[2]), *repetitive, "--max-new-tokens", "40",
+                                      "--json"]).stdout)
+    assert drafter_only["lookup_rounds"] == 0 < both["lookup_rounds"]
+    assert drafter_only["token_ids"] == both["token_ids"]
 
 
 def test_generate_streams_text_and_reports_speed(tiny_llama):
