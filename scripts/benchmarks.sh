@@ -31,7 +31,7 @@ export_once exports/smollm2-int8 --quantize int8
 export_once exports/smollm2-fullvocab --draft-vocab 0
 
 # 1. DFlash with the shipped drafter against plain ORT decoding, transformers and Optimum.
-bench_once main --model exports/smollm2-135m --dataset humaneval mtbench --limit 8 --block-size auto auto-drafter 16 8
+bench_once main --model exports/smollm2-135m --dataset humaneval mtbench --limit 8 --block-size auto auto-drafter auto-lookup 16 8
 # 2. The runtime at a given acceptance: oracle drafts from tau 1 to 16.
 bench_once oracle --model exports/smollm2-135m --dataset humaneval --limit 8 --block-size 16 \
     --oracle-tau 1 2 4 6.5 10 16 --no-transformers --no-optimum

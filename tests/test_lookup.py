@@ -78,3 +78,27 @@ def test_lookup_rounds_keep_sampling_exact(llama):
         assert got == plain, f"seed {seed}"
         used += stats.lookup_rounds
     assert used > 0
+
+
+def test_a_folder_without_a_drafter_decodes_with_lookup_drafts(tiny_llama):
+    target_only = ExportedModel(tiny_llama[2], load_drafter=False)
+    target_only.stop_token_ids = set()
+    ids = target_only.tokenizer.encode(REPETITIVE)
+    plain = generate(target_only, ids, 80, block_size=1)[0]
+    got, stats = generate(target_only, ids, 80)
+    assert got == plain and stats.lookup_rounds > 0
+    assert stats.as_dict()["block_size"] == "auto" and sum(stats.blocks.values()) == stats.rounds
+    assert generate(target_only, ids, 80, lookup=False)[1].as_dict()["block_size"] == 1  # plain, as before
+
+
+def test_drafter_false_uses_lookup_drafts_only(llama, monkeypatch):
+    ids = llama.tokenizer.encode(REPETITIVE)
+    plain = generate(llama, ids, 60, block_size=1)[0]
+    llama.verify_costs()  # measured with the drafter at start-up, before it is taken away
+
+    def no_drafter(*args, **kwargs):
+        raise AssertionError("the drafter ran")
+    monkeypatch.setattr(llama, "draft", no_drafter)
+    monkeypatch.setattr(llama, "project_context", no_drafter)
+    got, stats = generate(llama, ids, 60, drafter=False)
+    assert got == plain and stats.lookup_rounds > 0

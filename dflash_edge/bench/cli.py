@@ -31,8 +31,8 @@ def parse_args(argv):
     p.add_argument("--block-size", nargs="+", default=None,
                    help="DFlash block sizes to run: numbers, 'auto' for the per-round choice the runtime "
                         "makes by default (the drafter's drafts or ones copied from the context by prompt "
-                        "lookup), or 'auto-drafter' for that choice with the drafter's drafts only "
-                        "(default: auto, auto-drafter and the drafter's trained size)")
+                        "lookup), 'auto-drafter' or 'auto-lookup' for that choice with only the one kind of "
+                        "drafts (default: all three and the drafter's trained size)")
     p.add_argument("--oracle-tau", type=float, nargs="*", default=[],
                    help="also run DFlash with oracle drafts at these mean acceptance lengths (1..block size)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers generate baseline")
@@ -66,18 +66,19 @@ def load_dataset(name: str) -> list[str]:
     return prompts
 
 
-AUTO = {"auto": True, "auto-drafter": False}  # per-round choice -> whether prompt lookup takes part
+# Per-round choices: name -> (prompt lookup takes part, the drafter takes part)
+AUTO = {"auto": (True, True), "auto-drafter": (False, True), "auto-lookup": (True, False)}
 
 
-def parse_block(model, text: str) -> tuple[str, int | None, bool]:
-    """A --block-size value -> (mode name, block size for generate(), prompt lookup on)."""
+def parse_block(model, text: str) -> tuple[str, int | None, bool, bool]:
+    """A --block-size value -> (mode name, block size for generate(), prompt lookup on, drafter on)."""
     if text in AUTO:
-        return f"dflash@{text}", None, AUTO[text]
+        return (f"dflash@{text}", None, *AUTO[text])
     try:
         block = model.check_block_size(int(text))
     except ValueError:
-        raise UserError(f"--block-size takes numbers, 'auto' or 'auto-drafter', got {text!r}") from None
-    return f"dflash@{block}", block, False
+        raise UserError(f"--block-size takes numbers, {', '.join(repr(a) for a in AUTO)}, got {text!r}") from None
+    return f"dflash@{block}", block, False, True
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     model = dflash.model
     if not model.has_drafter:
         raise UserError(f"{args.model} has no drafter; export it with one (dflash-export --drafter ...)")
-    modes = [parse_block(model, b) for b in (args.block_size or ["auto", "auto-drafter", str(model.block_size)])]
+    modes = [parse_block(model, b) for b in (args.block_size or [*AUTO, str(model.block_size)])]
     trained = model.block_size
     for t in args.oracle_tau:
         if not 1 <= t <= trained:
@@ -184,15 +185,16 @@ def main(argv=None) -> int:
     baselines = load_baselines(args, model)
     vocab = int(model.target_info["vocab_size"])
 
-    def run(m, ids, block, rewrite=None, lookup=False):
-        out, stats = generate(m, ids, args.max_new_tokens, block, rewrite_drafts=rewrite, lookup=lookup)
+    def run(m, ids, block, rewrite=None, lookup=False, drafter=True):
+        out, stats = generate(m, ids, args.max_new_tokens, block, rewrite_drafts=rewrite, lookup=lookup,
+                              drafter=drafter)
         return {"tokens": out, **stats.as_dict()}
 
     # Warm every path up so the first prompt does not pay session initialisation.
     warm = dflash.prompt_ids("Hello")
     run(plain, warm, 1)
-    for _, block, lookup in modes:
-        run(model, warm, block, lookup=lookup)  # 'auto' measures its round costs here, once
+    for _, block, lookup, drafter in modes:
+        run(model, warm, block, lookup=lookup, drafter=drafter)  # 'auto' measures its round costs here, once
     calibration = calibrate(model, trained)
     calibration["context_growth"] = context_growth(plain)
     print(f"  calibration: verify {trained} tokens = {calibration['verify_ratio']:.2f} steps, draft = "
@@ -214,8 +216,8 @@ def main(argv=None) -> int:
                 continue
             runs = {"plain": timed(lambda: run(plain, ids, 1))}
             reference = runs["plain"]["tokens"]
-            for name_, block, lookup in modes:
-                runs[name_] = timed(lambda: run(model, ids, block, lookup=lookup))
+            for mode, block, lookup, drafter in modes:
+                runs[mode] = timed(lambda: run(model, ids, block, lookup=lookup, drafter=drafter))
             for tau in args.oracle_tau:
                 oracle = OracleDrafts(reference, tau, vocab, seed=n)
                 runs[f"oracle{tau:g}@{trained}"] = timed(lambda: run(model, ids, trained, oracle))
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
             rows.append({"prompt_tokens": len(ids), "runs": runs})
             done += 1
             eta = (time.perf_counter() - t0) / done * (total - done)
-            taus = " ".join(f"tau@{mode.split('@')[1]} {runs[mode]['tau']:.2f}" for mode, _, _ in modes)
+            taus = " ".join(f"tau@{mode.split('@')[1]} {runs[mode]['tau']:.2f}" for mode, *_ in modes)
             print(f"  [{done}/{total}] {name}: plain {runs['plain']['decode_tokens_per_s']:.1f} tok/s, {taus}, "
                   f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
         if not rows:

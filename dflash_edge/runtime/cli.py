@@ -73,9 +73,11 @@ def main(argv=None) -> int:
     block = 1 if args.no_draft else args.block_size
     if block is not None:
         model.model.check_block_size(block)
-    drafting = model.model.has_drafter and block != 1
+    # Speculative: the drafter's drafts, or (with the per-round choice) ones copied by prompt lookup.
+    drafting = block != 1 and (model.model.has_drafter or (block is None and not args.no_lookup))
     if args.compare and not drafting:
-        raise UserError("--compare needs DFlash: a folder exported with a drafter, without --no-draft or --block-size 1")
+        raise UserError("--compare needs drafts: a folder exported with a drafter or prompt lookup, without "
+                        "--no-draft or --block-size 1")
     printer = None if args.json else (lambda piece: print(piece, end="", flush=True))
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if args.compare and args.temperature > 0 and args.seed is None:

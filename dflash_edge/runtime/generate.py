@@ -89,25 +89,30 @@ def check_request(model: ExportedModel, prompt_ids: list[int], max_new_tokens: i
 def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
              block_size: int | None = None, on_tokens: Callable[[list[int]], None] | None = None,
              draft_fn: DraftFn | None = None, rewrite_drafts: RewriteFn | None = None,
-             sampling: Sampling | None = None, lookup: bool = True,
+             sampling: Sampling | None = None, lookup: bool = True, drafter: bool = True,
              cancel: threading.Event | None = None) -> tuple[list[int], GenerationStats]:
     """block_size 1 is plain decoding, N > 1 drafts N - 1 tokens every round, and None picks the size
-    each round (up to the drafter's trained size) from measured costs and acceptance. lookup: with None,
-    rounds may also verify prompt-lookup drafts (lookup.py) instead of the drafter's, where their
-    running acceptance says they pay more. sampling: greedy when None. cancel: set it from another
+    each round (up to the drafter's trained size) from measured costs and acceptance. With None, rounds
+    may also verify prompt-lookup drafts (lookup.py) instead of the drafter's, where their running
+    acceptance says they pay more (lookup=False: never; drafter=False, or a folder without a drafter:
+    lookup drafts or plain decoding only). sampling: greedy when None. cancel: set it from another
     thread to stop after the current round (finish reason "cancelled"; the tokens emitted so far are
     returned)."""
     sampler = Sampler(sampling or Sampling())
     check_request(model, prompt_ids, max_new_tokens)
     policy = lookup_policy = finder = None
-    if block_size is None and draft_fn is None and model.has_drafter:
-        policy = BlockPolicy(model.round_costs())
+    if block_size is None and draft_fn is None:
+        if model.has_drafter and drafter:
+            policy = BlockPolicy(model.round_costs())
+        else:
+            block_size = 1  # the rounds without lookup drafts decode plainly
         if lookup:
             lookup_policy, finder = BlockPolicy(model.verify_costs()), PromptLookup(prompt_ids)
     block_size = model.check_block_size(block_size) if draft_fn is None else block_size
     # Never run past the context: the last position written is prompt + new - 1.
     max_new_tokens = min(max_new_tokens, model.max_context - len(prompt_ids))
-    stats = GenerationStats(prompt_tokens=len(prompt_ids), block_size=0 if policy else block_size)
+    adaptive = policy is not None or finder is not None
+    stats = GenerationStats(prompt_tokens=len(prompt_ids), block_size=0 if adaptive else block_size)
     emit = on_tokens or (lambda ids: None)
     stops = model.stop_token_ids
     use_drafter = block_size > 1 and draft_fn is None
@@ -115,7 +120,7 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
     t0 = time.perf_counter()
     # On a device the caches cannot grow cheaply: reserve the whole generation (a round verifies at most
     # `top` positions past the last kept one). On the host they grow as they fill.
-    top = model.block_size if policy else block_size
+    top = model.verify_limit if adaptive else block_size
     room = len(prompt_ids) + (0 if model.on_host else max_new_tokens + top)
     cache = model.new_target_cache(room)
     greedy = sampler.sampling.greedy
@@ -149,8 +154,8 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
             block = lookup_policy.choose(limit=len(proposal) + 1)
             # Copied drafts cost no drafter pass; take them where they promise more tokens per unit of
             # cost than the drafter's best block.
-            looked_up = block > 1 and (lookup_policy.tokens_per_cost(block)[-1]
-                                       >= policy.tokens_per_cost().max())
+            drafter_best = policy.tokens_per_cost().max() if policy else 1.0  # 1.0: a plain step
+            looked_up = block > 1 and lookup_policy.tokens_per_cost(block)[-1] >= drafter_best
         if looked_up:
             drafts = proposal[:block - 1]
         else:
@@ -192,7 +197,7 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
             stats.lookup_tokens += accepted + 1
         elif policy:
             policy.update(block, accepted, time.perf_counter() - t_round)
-        if policy:
+        if adaptive:
             stats.blocks[block] += 1
         token = new[-1]
 

@@ -36,15 +36,18 @@ def run_times(fn, repeats: int) -> list[float]:
 
 
 def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Cost of a round with block b in plain decode steps, for b = 0..B: verifying b tokens alone (a round
-    of prompt-lookup drafts), and verifying b tokens plus drafting b - 1 (a drafter's round).
+    """Cost of a round with block b in plain decode steps, for b = 0..model.verify_limit: verifying b
+    tokens alone (a round of prompt-lookup drafts), and verifying b tokens plus drafting b - 1 (a
+    drafter's round; the same without a drafter).
 
     Measured at the sizes above and interpolated between them; a few hundred milliseconds at start-up.
     """
-    top = model.block_size
+    top = model.verify_limit
+    drafting = model.has_drafter
     cache, taps = filled_cache(model, context)
-    draft_cache = model.new_draft_cache()
-    model.project_context([(taps, context)], draft_cache)
+    if drafting:
+        draft_cache = model.new_draft_cache()
+        model.project_context([(taps, context)], draft_cache)
 
     def best_of(fn) -> float:
         return min(run_times(fn, repeats))  # the least disturbed run: costs are compared, noise only blurs them
@@ -53,8 +56,8 @@ def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> 
     verify, draft = {}, {}
     for b in sizes:
         # A drafting round's verify also returns its taps, for the next round's context.
-        verify[b] = best_of(lambda: model.run_target([1] * b, cache, last_only=False, taps=b > 1))
-        draft[b] = best_of(lambda: model.draft(1, context, b, draft_cache)) if b > 1 else 0.0
+        verify[b] = best_of(lambda: model.run_target([1] * b, cache, last_only=False, taps=drafting and b > 1))
+        draft[b] = best_of(lambda: model.draft(1, context, b, draft_cache)) if drafting and b > 1 else 0.0
 
     def in_steps(seconds: dict) -> np.ndarray:
         costs = np.interp(np.arange(top + 1), sizes, [seconds[b] / verify[1] for b in sizes])

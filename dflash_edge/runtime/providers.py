@@ -26,6 +26,7 @@ MISSING = {  # what a provider that is compiled in but cannot start usually lack
 }
 TRT_PREFILL_CHUNK = 1024  # longest prompt piece one TensorRT call takes; longer prompts go in pieces
 TRT_OPT_CONTEXT = 1024    # the cache length TensorRT tunes its kernels for
+VERIFY_WITHOUT_DRAFTER = 16  # most tokens per verify in a folder without a drafter (prompt-lookup drafts)
 
 
 def resolve_providers(name: str, fallback: bool = False) -> list[str]:
@@ -68,7 +69,7 @@ def tensorrt_profiles(manifest: dict, graph: str) -> dict[str, str]:
     from .cache import KVCache
 
     t, d = manifest["target"], manifest.get("drafter") or {}
-    block = int(d.get("block_size", 16))
+    block = int(d.get("block_size", VERIFY_WITHOUT_DRAFTER))
     chunk = KVCache.CHUNK
     slots = -(-(int(t["max_context"]) + block) // chunk) * chunk  # the largest cache buffer
     opt = min(TRT_OPT_CONTEXT, int(t["max_context"]))
