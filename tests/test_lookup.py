@@ -18,7 +18,11 @@ def test_the_latest_earlier_occurrence_of_the_ending_is_continued():
 def test_a_longer_matching_ending_wins_over_a_more_recent_shorter_one():
     ids = [1, 2, 3, 9, 7, 2, 3, 8, 1, 2, 3]
     assert PromptLookup(ids).propose(2) == [9, 7]            # [1, 2, 3] occurred at the start
-    assert PromptLookup(ids, longest=2).propose(2) == [8, 1]  # only pairs: [2, 3] last occurred before 8
+    assert PromptLookup(ids, longest=2).propose(2) == [8, 1]  # only pairs: [2, 3] last came before 8
+    line = list(range(10, 18))
+    ids = line + [99] + line[4:] + [55] + line  # the line's last 4 tokens recur, followed by 55
+    assert PromptLookup(ids).propose(3) == [99, 14, 15]              # the whole 8-token line matched
+    assert PromptLookup(ids, longest=4).propose(3) == [55, 10, 11]
 
 
 def test_no_proposal_without_an_earlier_occurrence():

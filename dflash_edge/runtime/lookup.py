@@ -5,6 +5,9 @@ repeat themselves: the tokens that followed the latest earlier occurrence of the
 tokens are often what comes next. The target verifies them like the drafter's proposals, so the output
 is unchanged; a round that uses them skips the drafter pass. The loop (generate.py) asks for a
 proposal every round and lets the block-size policy choose between it, the drafter and plain decoding.
+The longest match wins: over SmolLM2's greedy HumanEval replies the first copied token was right 53 %
+of the time after a 2-token match, 81 % after 4 and 95 % after 8. (Acceptance estimates kept per match
+length instead of one for all lookup rounds decoded no faster, side by side on 16 prompts.)
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ class PromptLookup:
     occurred before. One dictionary entry per n-gram end, updated as tokens arrive: a proposal costs a
     few dictionary lookups, whatever the context length."""
 
-    def __init__(self, ids: list[int], shortest: int = 2, longest: int = 4):
+    def __init__(self, ids: list[int], shortest: int = 2, longest: int = 8):
         self.ids = list(ids)
         self.shortest, self.longest = shortest, longest
         self.latest_end: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token, latest one
