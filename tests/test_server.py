@@ -49,7 +49,7 @@ def test_chat_completion_matches_the_python_api(client, api):
     assert resp.choices[0].finish_reason == ("length" if expected.stats.finish_reason == "length" else "stop")
     assert resp.usage.completion_tokens == len(expected.token_ids)
     assert resp.usage.prompt_tokens == expected.stats.prompt_tokens
-    assert resp.model_extra["dflash"]["tau"] >= 1.0
+    assert resp.model_extra["dflash"]["tau"] >= 1.0 and resp.model_extra["dflash"]["lookup_rounds"] >= 0
 
 
 def test_streamed_chat_concatenates_to_the_same_text(client, api):

@@ -4,6 +4,9 @@
     keep the longest agreeing prefix + the target's own next token -> cut the target cache back to
     what was kept -> project the kept tokens' features into the draft cache] -> repeat
 
+With the per-round choice (block size None) a round may instead verify drafts copied from earlier in the
+context (lookup.py), which skip the drafter pass; the verify treats them like the drafter's.
+
 At temperature 0 every emitted token is the target's argmax given the true prefix, so the output equals
 plain greedy decoding of the same graph token for token. Above it the target samples each verify
 position and drafts are kept while they equal those samples (sampling.py): the output is distributed

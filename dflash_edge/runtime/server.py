@@ -109,7 +109,7 @@ def usage(result: Result) -> dict:
 def speculative(result: Result) -> dict:
     d = result.stats.as_dict()
     return {k: d[k] for k in ("tau", "rounds", "block_size", "block_histogram", "acceptance_histogram",
-                              "decode_tokens_per_s", "ttft_s")}
+                              "lookup_rounds", "lookup_tokens", "decode_tokens_per_s", "ttft_s")}
 
 
 def finish_reason(result: Result) -> str:
