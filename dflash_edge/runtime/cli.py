@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         return 1 if plain and plain.token_ids != result.token_ids else 0
     spec = f", tau {stats.tau:.2f} at block {block or 'auto'}" if drafting else ""
     if stats.lookup_rounds:
-        spec += f" ({stats.lookup_tokens} tokens from {stats.lookup_rounds} rounds of prompt lookup)"
+        rounds = f"{stats.lookup_rounds} round{'s' * (stats.lookup_rounds > 1)}"
+        spec += f" ({stats.lookup_tokens} of the tokens from {rounds} of prompt lookup)"
     print(f"\n[{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode, "
           f"first token {stats.ttft_s * 1000:.0f} ms{spec}, {stats.finish_reason}]", file=sys.stderr)
     if args.profile:

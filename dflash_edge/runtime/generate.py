@@ -196,8 +196,6 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
         start += accepted + 1
         if looked_up:
             lookup_policy.update(block, accepted)
-            stats.lookup_rounds += 1
-            stats.lookup_tokens += accepted + 1
         elif policy:
             policy.update(block, accepted, time.perf_counter() - t_round)
         if adaptive:
@@ -211,6 +209,9 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
                 break
         stats.rounds += 1
         stats.acceptance[len(new)] += 1
+        if looked_up:
+            stats.lookup_rounds += 1
+            stats.lookup_tokens += len(new)
         out += new
         if finder:
             finder.extend(new)
