@@ -57,7 +57,7 @@ class ExportedModel:
         self.max_context = int(self.target_info["max_context"])
         self.chat = m.get("chat")
         self.drafter_context = self.drafter_block = None
-        self._round_costs = None
+        self._measured_costs = None
         if self.drafter_info:
             d = self.drafter_info
             # Without prepacking, ONNX Runtime's CPU Gemm repacks a weight on every call: a round's draft
@@ -176,10 +176,10 @@ class ExportedModel:
         return self._costs()[0]
 
     def _costs(self):
-        if self._round_costs is None:
+        if self._measured_costs is None:
             from .policy import measure_costs
-            self._round_costs = measure_costs(self)
-        return self._round_costs
+            self._measured_costs = measure_costs(self)
+        return self._measured_costs
 
     def check_block_size(self, block_size: int | None) -> int:
         if not self.has_drafter:
