@@ -13,7 +13,8 @@ def test_bench_runs_every_method_side_by_side_and_checks_exactness(tmp_path, tin
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello world", "the cat sat", "sort")))
     out = bench("--model", tiny_llama[2], "--dataset", prompts, "--limit", 2, "--max-new-tokens", 40,
-                "--block-size", "auto", "auto-drafter", "auto-lookup", 16, 4, "--oracle-tau", 6.5, "--json", tmp_path / "new" / "r.json",
+                "--block-size", "auto", "auto-drafter", "auto-lookup", 16, 4, "--oracle-tau", 6.5,
+                "--json", tmp_path / "new" / "r.json",
                 "--markdown", tmp_path / "r.md", "--plot", tmp_path / "r.png")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "new" / "r.json").read_text())  # its folder made, not a crash at the end
