@@ -10,7 +10,7 @@ import onnxruntime as ort
 from ..errors import UserError
 from ..manifest import read_manifest
 from .cache import KVCache
-from .providers import PROVIDERS, TRT_PREFILL_CHUNK, VERIFY_WITHOUT_DRAFTER, provider_options, resolve_providers
+from .providers import PROVIDERS, TRT_PREFILL_CHUNK, provider_options, resolve_providers, verify_limit
 from .session import SharedWeights, default_threads, make_session
 from .tokenizer import Tokenizer
 
@@ -80,9 +80,8 @@ class ExportedModel:
 
     @property
     def verify_limit(self) -> int:
-        """The most tokens one verify holds: the exported drafter's block size (TensorRT's profiles are
-        built for it, whether or not the drafter is loaded), else VERIFY_WITHOUT_DRAFTER."""
-        return int((self.manifest.get("drafter") or {}).get("block_size", VERIFY_WITHOUT_DRAFTER))
+        """The most tokens one verify holds (providers.verify_limit)."""
+        return verify_limit(self.manifest)
 
     def new_target_cache(self, positions: int = 1) -> KVCache:
         """An empty target cache with room for `positions` (on a device: all a generation will need)."""

@@ -64,12 +64,18 @@ def _profiles(shapes: dict[str, tuple[tuple, tuple, tuple]]) -> dict[str, str]:
     return {key: ",".join(f"{name}:{_shape(s[i])}" for name, s in shapes.items()) for i, key in enumerate(keys)}
 
 
+def verify_limit(manifest: dict) -> int:
+    """The most tokens one target call verifies: the exported drafter's block size, whether or not the
+    drafter is loaded, else VERIFY_WITHOUT_DRAFTER (TensorRT's profiles are built for it)."""
+    return int((manifest.get("drafter") or {}).get("block_size", VERIFY_WITHOUT_DRAFTER))
+
+
 def tensorrt_profiles(manifest: dict, graph: str) -> dict[str, str]:
     """min/opt/max shapes of every dynamic input of one graph of the folder, as TensorRT EP options."""
     from .cache import KVCache
 
     t, d = manifest["target"], manifest.get("drafter") or {}
-    block = int(d.get("block_size", VERIFY_WITHOUT_DRAFTER))
+    block = verify_limit(manifest)
     chunk = KVCache.CHUNK
     slots = -(-(int(t["max_context"]) + block) // chunk) * chunk  # the largest cache buffer
     opt = min(TRT_OPT_CONTEXT, int(t["max_context"]))
