@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every table in BENCHMARKS.md, on this machine: exports SmolLM2-135M with the shipped drafter (fp32, int4,
 # int8, and fp32 with the drafter's full LM head for the reference comparison), then runs dflash-bench and
-# the reference package's loop. Results land in runs/bench/ (JSON, markdown, plots). About 50 minutes on
+# the reference package's loop. Results land in runs/bench/ (JSON, markdown, plots). About 80 minutes on
 # two cores; run it on an otherwise idle machine. Each step is skipped when its result exists.
 #     bash scripts/benchmarks.sh
 set -euo pipefail
@@ -32,6 +32,10 @@ export_once exports/smollm2-fullvocab --draft-vocab 0
 
 # 1. DFlash with the shipped drafter against plain ORT decoding, transformers and Optimum.
 bench_once main --model exports/smollm2-135m --dataset humaneval mtbench --limit 8 --block-size auto auto-drafter auto-lookup 16 8
+# 1b. The same per-round choices, three runs per prompt in rotating order: each method's median, and the
+#     spread between runs (what the machine's noise is worth).
+bench_once repeated --model exports/smollm2-135m --dataset humaneval mtbench --limit 8 \
+    --block-size auto auto-drafter auto-lookup --repeats 3 --no-transformers --no-optimum
 # 2. The runtime at a given acceptance: oracle drafts from tau 1 to 16.
 bench_once oracle --model exports/smollm2-135m --dataset humaneval --limit 8 --block-size 16 \
     --oracle-tau 1 2 4 6.5 10 16 --no-transformers --no-optimum
@@ -40,6 +44,8 @@ bench_once int4 --model exports/smollm2-int4 --dataset humaneval --limit 8 --blo
     --oracle-tau 6.5 --no-transformers --no-optimum
 bench_once int8 --model exports/smollm2-int8 --dataset humaneval --limit 4 --block-size auto 16 \
     --oracle-tau 6.5 --no-transformers --no-optimum
+bench_once int8-lookup --model exports/smollm2-int8 --dataset humaneval mtbench --limit 8 \
+    --block-size auto auto-drafter auto-lookup --repeats 2 --no-transformers --no-optimum
 # 4. Against the reference package's PyTorch loop, same target, drafter (full head, as the reference
 #    drafts) and prompts. The reference runs in the parity environment (bash scripts/parity.sh makes it).
 bench_once fullvocab --model exports/smollm2-fullvocab --dataset humaneval --limit 8 --block-size 16 \

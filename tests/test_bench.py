@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -40,6 +41,50 @@ def test_bench_runs_every_method_side_by_side_and_checks_exactness(tmp_path, tin
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_folder_without_a_drafter_benches_prompt_lookup_against_plain(tmp_path, tiny_llama):
+    folder = shutil.copytree(tiny_llama[2], tmp_path / "target-only")
+    manifest = json.loads((folder / "dflash_edge.json").read_text())
+    del manifest["drafter"]  # what dflash-export --no-drafter writes
+    (folder / "dflash_edge.json").write_text(json.dumps(manifest))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "one two three one two three one two three one two"}) + "\n")
+    out = bench("--model", folder, "--dataset", prompts, "--max-new-tokens", 40, "--no-transformers", "--no-optimum",
+                "--json", tmp_path / "r.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    modes = report["summary"][str(prompts)]["modes"]
+    assert set(modes) == {"plain", "dflash@auto"} and modes["dflash@auto"]["mismatches"] == 0
+    assert modes["dflash@auto"]["lookup_share"] > 0 and modes["dflash@auto"]["draft_share"] == 0
+    assert report["calibration"]["draft_ratio"] == 0 and report["calibration"]["verify_ratio"] > 0
+    for args, needle in ((("--oracle-tau", 4), "--oracle-tau runs the drafter"),
+                         (("--block-size", "auto-drafter"), "needs a drafter"),
+                         (("--block-size", 4), "has no drafter")):
+        out = bench("--model", folder, "--dataset", prompts, "--max-new-tokens", 8, *args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_repeats_rotate_the_methods_and_keep_each_ones_median_run(tmp_path, tiny_llama):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello world"}) + "\n")
+    out = bench("--model", tiny_llama[2], "--dataset", prompts, "--max-new-tokens", 24, "--block-size", "auto", 4,
+                "--oracle-tau", 2, 4, "--repeats", 3, "--no-transformers", "--no-optimum",
+                "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = report["prompts"][str(prompts)][0]
+    methods = ["plain", "dflash@auto", "dflash@4"]
+    # Each repeat starts one method later; the oracle runs follow the plain reply and rotate among themselves.
+    assert row["order"] == [methods + ["oracle2@16", "oracle4@16"], methods[1:] + methods[:1] + ["oracle4@16", "oracle2@16"],
+                            methods[2:] + methods[:2] + ["oracle2@16", "oracle4@16"]]
+    assert list(row["runs"]) == methods + ["oracle2@16", "oracle4@16"]  # the table keeps its order
+    for run in row["runs"].values():
+        assert len(run["repeat_tok_s"]) == 3 and run["decode_tokens_per_s"] == sorted(run["repeat_tok_s"])[1]
+    modes = report["summary"][str(prompts)]["modes"]
+    assert all(s["repeat_spread"] >= 0 for s in modes.values()) and modes["dflash@4"]["mismatches"] == 0
+    assert report["repeats"] == 3 and "median of 3 runs per prompt" in (tmp_path / "r.md").read_text()
+
+
 def test_bench_refuses_bad_input_in_one_line(tmp_path, tiny_llama):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')
@@ -48,9 +93,25 @@ def test_bench_refuses_bad_input_in_one_line(tmp_path, tiny_llama):
     for args, needle in (((tiny_llama[2], "--dataset", bad), "needs a \"prompt\""),
                          ((tiny_llama[2], "--dataset", tmp_path / "missing.jsonl"), "not humaneval"),
                          ((tiny_llama[2], "--max-new-tokens", 0), "at least 1"),
+                         ((tiny_llama[2], "--repeats", 0), "--repeats must be at least 1"),
                          ((tiny_llama[2], "--block-size", "big"), "numbers, 'auto', 'auto-drafter', 'auto-lookup'"),
                          ((tmp_path, "--dataset", good), str(tmp_path))):
         out = bench("--model", *args)
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], out.stderr
+
+
+def test_a_reply_that_differs_from_plain_in_any_repeat_is_a_mismatch():
+    from dflash_edge.bench.cli import median_runs
+    from dflash_edge.bench.report import summarize_mode
+
+    def repeat(speed, tokens):
+        run = {"decode_tokens_per_s": speed, "tokens": tokens, "new_tokens": 2, "ttft_s": 0.1, "decode_s": 1.0}
+        return {"plain": {**run, "tokens": [1, 2]}, "dflash@4": run}
+    runs = median_runs([repeat(30.0, [1, 2]), repeat(10.0, [1, 2]), repeat(20.0, [1, 3])])
+    assert runs["dflash@4"]["decode_tokens_per_s"] == 20.0 and runs["dflash@4"]["repeat_tok_s"] == [30.0, 10.0, 20.0]
+    assert summarize_mode([{"runs": runs}], "dflash@4")["mismatches"] == 1
+    runs = median_runs([repeat(30.0, [1, 2]), repeat(10.0, [1, 2])])  # even count: the lower middle one
+    assert runs["dflash@4"]["decode_tokens_per_s"] == 10.0
+    assert summarize_mode([{"runs": runs}], "dflash@4")["mismatches"] == 0

@@ -6,7 +6,9 @@ drafts at each --oracle-tau (the real drafter runs; its proposals are replaced s
 tau), and transformers `generate` on the same weights when torch is installed. It checks that every
 DFlash output equals the plain output, and reports decode and end-to-end tokens/s, time to first token,
 speed-ups, tau with its histogram and peak memory, as JSON, a markdown table and a plot (speed-up
-against tau).
+against tau). With --repeats N every prompt runs N times, the methods' order rotating from one repeat
+to the next (so none always runs right after the same other one); each method's median run counts, and
+the report gives the spread between repeats: what this machine's noise is worth in the ratios.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from ..jsonl import read_jsonl
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="dflash-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a folder written by dflash-export, with a drafter")
+    p.add_argument("--model", required=True,
+                   help="a folder written by dflash-export (without a drafter: prompt lookup against plain)")
     p.add_argument("--dataset", nargs="+", default=["humaneval", "mtbench"],
                    help="humaneval, mtbench or a jsonl FILE with a \"prompt\" per line (several allowed)")
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each dataset")
@@ -32,9 +35,12 @@ def parse_args(argv):
                    help="DFlash block sizes to run: numbers, 'auto' for the per-round choice the runtime "
                         "makes by default (the drafter's drafts or ones copied from the context by prompt "
                         "lookup), 'auto-drafter' or 'auto-lookup' for that choice with only the one kind of "
-                        "drafts (default: all three and the drafter's trained size)")
+                        "drafts (default: all three and the drafter's trained size; without a drafter: auto)")
     p.add_argument("--oracle-tau", type=float, nargs="*", default=[],
                    help="also run DFlash with oracle drafts at these mean acceptance lengths (1..block size)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every prompt this many times, the methods in rotating order, and keep each "
+                        "method's median run (default 1)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers generate baseline")
     p.add_argument("--no-optimum", action="store_true",
                    help="skip the Optimum ORTModelForCausalLM baseline (run when optimum-onnx is installed)")
@@ -70,9 +76,15 @@ def load_dataset(name: str) -> list[str]:
 AUTO = {"auto": (True, True), "auto-drafter": (False, True), "auto-lookup": (True, False)}
 
 
+def default_modes(model) -> list[str]:
+    return [*AUTO, str(model.block_size)] if model.has_drafter else ["auto"]  # without one, auto = auto-lookup
+
+
 def parse_block(model, text: str) -> tuple[str, int | None, bool, bool]:
     """A --block-size value -> (mode name, block size for generate(), prompt lookup on, drafter on)."""
     if text in AUTO:
+        if AUTO[text][1] and not AUTO[text][0] and not model.has_drafter:
+            raise UserError(f"--block-size {text} needs a drafter; {model.folder} was exported without one")
         return (f"dflash@{text}", None, *AUTO[text])
     try:
         block = model.check_block_size(int(text))
@@ -89,18 +101,22 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
-    """Cost of one verify of `block` tokens and of one draft, in single-token decode steps."""
+    """Cost of one verify of `block` tokens and of one draft (none without a drafter), in single-token
+    decode steps."""
     from ..runtime.policy import filled_cache
 
+    drafter = model.has_drafter
     cache, taps = filled_cache(model, context)
-    draft_cache = model.new_draft_cache()
-    model.project_context([(taps, context)], draft_cache)
-    two = model.run_target([1, 1], cache, last_only=False, taps=True).taps  # a round's new context
     step = median_ms(lambda: model.run_target([1], cache, last_only=True), repeats)
-    verify = median_ms(lambda: model.run_target([1] * block, cache, last_only=False, taps=True), repeats)
-    # keep 0: the same two rows are projected again each time, the draft cache stays as it is.
-    draft = median_ms(lambda: (model.project_context([(two, 0)], draft_cache),
-                               model.draft(1, context, block, draft_cache)), repeats)
+    verify = median_ms(lambda: model.run_target([1] * block, cache, last_only=False, taps=drafter), repeats)
+    draft = 0.0
+    if drafter:
+        draft_cache = model.new_draft_cache()
+        model.project_context([(taps, context)], draft_cache)
+        two = model.run_target([1, 1], cache, last_only=False, taps=True).taps  # a round's new context
+        # keep 0: the same two rows are projected again each time, the draft cache stays as it is.
+        draft = median_ms(lambda: (model.project_context([(two, 0)], draft_cache),
+                                   model.draft(1, context, block, draft_cache)), repeats)
     return {"context": context, "block": block, "step_ms": step, "verify_ms": verify, "draft_ms": draft,
             "verify_ratio": verify / step, "draft_ratio": draft / step}
 
@@ -146,6 +162,25 @@ def load_baselines(args, model) -> list:
     return baselines
 
 
+def rotated(items: list, turn: int) -> list:
+    k = turn % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def median_runs(repeats: list[dict]) -> dict:
+    """Per method, the repeat with the median decode speed (the lower middle one for an even count), with
+    every repeat's speed kept beside it; a reply that differed from plain decoding's in any repeat counts."""
+    runs = {}
+    for name in repeats[0]:
+        tries = sorted((r[name] for r in repeats), key=lambda run: run["decode_tokens_per_s"])
+        run = dict(tries[(len(tries) - 1) // 2])
+        run["repeat_tok_s"] = [r[name]["decode_tokens_per_s"] for r in repeats]
+        if any(r[name]["tokens"] != r["plain"]["tokens"] for r in repeats):
+            run["tokens"] = next(r[name]["tokens"] for r in repeats if r[name]["tokens"] != r["plain"]["tokens"])
+        runs[name] = run
+    return runs
+
+
 def timed(fn) -> dict:
     from .report import peak_rss_mb, reset_peak_rss
 
@@ -161,6 +196,8 @@ def main(argv=None) -> int:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if args.repeats <= 0:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     datasets = {name: load_dataset(name)[: args.limit] for name in args.dataset}
     from ..runtime.api import DFlashModel
     from ..runtime.generate import generate
@@ -169,10 +206,10 @@ def main(argv=None) -> int:
 
     dflash = DFlashModel(args.model, args.provider, bool(args.fallback), threads=args.threads)
     model = dflash.model
-    if not model.has_drafter:
-        raise UserError(f"{args.model} has no drafter; export it with one (dflash-export --drafter ...)")
-    modes = [parse_block(model, b) for b in (args.block_size or [*AUTO, str(model.block_size)])]
+    modes = [parse_block(model, b) for b in (args.block_size or default_modes(model))]
     trained = model.block_size
+    if args.oracle_tau and not model.has_drafter:
+        raise UserError(f"--oracle-tau runs the drafter; {args.model} was exported without one")
     for t in args.oracle_tau:
         if not 1 <= t <= trained:
             raise UserError(f"--oracle-tau {t} is outside 1..{trained} (the drafter's block size)")
@@ -195,9 +232,9 @@ def main(argv=None) -> int:
     run(plain, warm, 1)
     for _, block, lookup, drafter in modes:
         run(model, warm, block, lookup=lookup, drafter=drafter)  # 'auto' measures its round costs here, once
-    calibration = calibrate(model, trained)
+    calibration = calibrate(model, trained if model.has_drafter else model.verify_limit)
     calibration["context_growth"] = context_growth(plain)
-    print(f"  calibration: verify {trained} tokens = {calibration['verify_ratio']:.2f} steps, draft = "
+    print(f"  calibration: verify {calibration['block']} tokens = {calibration['verify_ratio']:.2f} steps, draft = "
           f"{calibration['draft_ratio']:.2f} steps (one step {calibration['step_ms']:.1f} ms)", file=sys.stderr)
     growth = calibration["context_growth"]
     if growth["growth"] is not None:
@@ -214,16 +251,27 @@ def main(argv=None) -> int:
             if len(ids) + args.max_new_tokens > model.max_context:
                 print(f"  skipping a {len(ids)}-token prompt of {name}: it does not fit the context", file=sys.stderr)
                 continue
-            runs = {"plain": timed(lambda: run(plain, ids, 1))}
-            reference = runs["plain"]["tokens"]
-            for mode, block, lookup, drafter in modes:
-                runs[mode] = timed(lambda: run(model, ids, block, lookup=lookup, drafter=drafter))
-            for tau in args.oracle_tau:
-                oracle = OracleDrafts(reference, tau, vocab, seed=n)
-                runs[f"oracle{tau:g}@{trained}"] = timed(lambda: run(model, ids, trained, oracle))
-            for baseline in baselines:
-                runs[baseline.name] = timed(lambda: baseline.generate(ids, args.max_new_tokens))
-            rows.append({"prompt_tokens": len(ids), "runs": runs})
+            # Every method as (name, call); the default arguments bind this prompt's values now.
+            methods = [("plain", lambda ids=ids: run(plain, ids, 1))]
+            methods += [(mode, lambda ids=ids, block=block, lookup=lookup, drafter=drafter:
+                         run(model, ids, block, lookup=lookup, drafter=drafter))
+                        for mode, block, lookup, drafter in modes]
+            methods += [(baseline.name, lambda ids=ids, baseline=baseline: baseline.generate(ids, args.max_new_tokens))
+                        for baseline in baselines]
+            repeats, reference = [], None
+            for r in range(args.repeats):
+                runs = {method: timed(call) for method, call in rotated(methods, r)}
+                # Oracle drafts follow the plain reply, so they run after it; they rotate among themselves.
+                reference = reference or runs["plain"]["tokens"]
+                for tau in rotated(args.oracle_tau, r):
+                    oracle = OracleDrafts(reference, tau, vocab, seed=n)
+                    runs[f"oracle{tau:g}@{trained}"] = timed(lambda: run(model, ids, trained, oracle))
+                repeats.append(runs)
+            runs = median_runs(repeats)
+            table_order = ["plain", *(m for m, *_ in modes), *(m for m in runs if m.startswith("oracle")),
+                           *(b.name for b in baselines)]
+            runs = {m: runs[m] for m in table_order}
+            rows.append({"prompt_tokens": len(ids), "runs": runs, "order": [list(r) for r in repeats]})
             done += 1
             eta = (time.perf_counter() - t0) / done * (total - done)
             taus = " ".join(f"tau@{mode.split('@')[1]} {runs[mode]['tau']:.2f}" for mode, *_ in modes)
@@ -236,7 +284,7 @@ def main(argv=None) -> int:
 
     report = {"command": "dflash-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_description(), "model": str(args.model), "max_new_tokens": args.max_new_tokens,
-              "threads": args.threads, "calibration": calibration,
+              "threads": args.threads, "repeats": args.repeats, "calibration": calibration,
               **{b.name: b.version for b in baselines}, "summary": summary, "prompts": results}
     table = markdown(report)
     print(table)
