@@ -75,7 +75,8 @@ def test_repeats_rotate_the_methods_and_keep_each_ones_median_run(tmp_path, tiny
     row = report["prompts"][str(prompts)][0]
     methods = ["plain", "dflash@auto", "dflash@4"]
     # Each repeat starts one method later; the oracle runs follow the plain reply and rotate among themselves.
-    assert row["order"] == [methods + ["oracle2@16", "oracle4@16"], methods[1:] + methods[:1] + ["oracle4@16", "oracle2@16"],
+    assert row["order"] == [methods + ["oracle2@16", "oracle4@16"],
+                            methods[1:] + methods[:1] + ["oracle4@16", "oracle2@16"],
                             methods[2:] + methods[:2] + ["oracle2@16", "oracle4@16"]]
     assert list(row["runs"]) == methods + ["oracle2@16", "oracle4@16"]  # the table keeps its order
     for run in row["runs"].values():

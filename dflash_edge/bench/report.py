@@ -23,10 +23,11 @@ def summarize_mode(rows: list[dict], mode: str) -> dict:
         "ttft_ms": 1000 * statistics.median(run["ttft_s"] for run in runs),
         "peak_rss_mb": max(run.get("peak_rss_mb", 0) for run in runs),
     }
-    repeated = [run["repeat_tok_s"] for run in runs if len(run.get("repeat_tok_s", [])) > 1]
-    if repeated:  # (fastest - slowest) / median of a prompt's repeats, the median over prompts
-        s["repeat_spread"] = statistics.median((max(t) - min(t)) / statistics.median(t) for t in repeated
-                                               if statistics.median(t) > 0)
+    # (fastest - slowest) / median of each prompt's repeats, the median over the prompts
+    spreads = [(max(t) - min(t)) / statistics.median(t) for t in (run.get("repeat_tok_s", []) for run in runs)
+               if len(t) > 1 and statistics.median(t) > 0]
+    if spreads:
+        s["repeat_spread"] = statistics.median(spreads)
     if mode != "plain":
         ratios = [_ratio(run["decode_tokens_per_s"], p["decode_tokens_per_s"]) for run, p in zip(runs, plain)]
         s["speedup_vs_plain"] = statistics.median(x for x in ratios if x) if any(ratios) else None
@@ -85,8 +86,8 @@ def markdown(report: dict) -> str:
                          f"{s['ttft_ms']:.0f} | {vs_plain} | {vs_hf} | {fmt(s.get('tau_mean'), '.2f')} | {exact} | "
                          f"{lookup} |")
     if report.get("repeats", 1) > 1:
-        spreads = "; ".join(f"{name}: " + ", ".join(f"{mode} {s['repeat_spread']:.0%}" for mode, s in ds["modes"].items()
-                                                    if "repeat_spread" in s)
+        spreads = "; ".join(f"{name}: " + ", ".join(f"{mode} {s['repeat_spread']:.0%}"
+                                                    for mode, s in ds["modes"].items() if "repeat_spread" in s)
                             for name, ds in report["summary"].items())
         lines += ["", f"Each row is each method's median of {report['repeats']} runs per prompt, in rotating order. "
                       f"Spread between a prompt's runs ((fastest - slowest) / median, median over the prompts): "
