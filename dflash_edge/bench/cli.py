@@ -83,9 +83,10 @@ def default_modes(model) -> list[str]:
 def parse_block(model, text: str) -> tuple[str, int | None, bool, bool]:
     """A --block-size value -> (mode name, block size for generate(), prompt lookup on, drafter on)."""
     if text in AUTO:
-        if AUTO[text][1] and not AUTO[text][0] and not model.has_drafter:
+        lookup, drafter = AUTO[text]
+        if drafter and not lookup and not model.has_drafter:  # it would decode plainly
             raise UserError(f"--block-size {text} needs a drafter; {model.folder} was exported without one")
-        return (f"dflash@{text}", None, *AUTO[text])
+        return f"dflash@{text}", None, lookup, drafter
     try:
         block = model.check_block_size(int(text))
     except ValueError:
