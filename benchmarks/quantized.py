@@ -7,7 +7,9 @@ each follows the first export's greedy output (a quantized target is a different
 Every prompt runs on every export in turn (the order rotates from prompt to prompt), so a machine that
 speeds up or slows down during the run affects all of them alike. Reported per export and dataset: median
 decode tokens/s over the prompts, the median ratio to the first export on the same prompt, how many
-replies equal the first export's token for token, and the mean length of the common prefix.
+replies equal the first export's token for token, the mean length of the common prefix, and how often
+the export's greedy choice equals the first export's along the first export's own reply (teacher-forced:
+one flip ends a common prefix for good, while this counts every position of the reply).
 """
 from __future__ import annotations
 
@@ -31,6 +33,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def agreement(model, ids: list[int], reply: list[int]) -> tuple[int, int]:
+    """(positions where model's greedy choice equals reply's next token, positions) along ids + reply."""
+    cache = model.new_target_cache(len(ids) + len(reply))
+    choices = model.run_target(ids + reply, cache, last_only=False).next_ids[len(ids) - 1:-1]
+    return int(sum(int(c) == t for c, t in zip(choices, reply))), len(reply)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", help="exported folders; the first is the reference")
@@ -44,7 +53,7 @@ def main() -> None:
     report = {"models": args.models, "max_new_tokens": args.max_new_tokens, "datasets": {}}
     for dataset in args.dataset:
         prompts = load_dataset(dataset)[: args.limit]
-        rows = {name: {"tok_s": [], "ratio": [], "identical": 0, "prefix": []} for name in names}
+        rows = {name: {"tok_s": [], "ratio": [], "identical": 0, "prefix": [], "agree": [0, 0]} for name in names}
         for i, prompt in enumerate(prompts):
             outs, speeds = {}, {}
             order = list(range(len(engines)))
@@ -60,19 +69,26 @@ def main() -> None:
                 r["ratio"].append(speeds[name] / speeds[names[0]])
                 r["identical"] += outs[name] == ref
                 r["prefix"].append(common_prefix(outs[name], ref))
+            for k, name in enumerate(names):
+                same, total = agreement(engines[k].model, engines[k].prompt_ids(prompt), ref)
+                rows[name]["agree"][0] += same
+                rows[name]["agree"][1] += total
             print(f"{dataset} {i + 1}/{len(prompts)}: " + "  ".join(
                 f"{n} {speeds[n]:.1f} tok/s" for n in names), file=sys.stderr, flush=True)
         summary = {name: {"decode_tok_s": round(statistics.median(r["tok_s"]), 1),
                           "vs_first": round(statistics.median(r["ratio"]), 2),
                           "identical": f"{r['identical']}/{len(prompts)}",
-                          "common_prefix": round(statistics.mean(r["prefix"]), 1)}
+                          "common_prefix": round(statistics.mean(r["prefix"]), 1),
+                          "agreement": round(r["agree"][0] / max(1, r["agree"][1]), 4)}
                    for name, r in rows.items()}
         report["datasets"][dataset] = summary
         print(f"\n{dataset}, {len(prompts)} prompts, {args.max_new_tokens} new tokens, plain greedy decoding")
-        print(f"| export | decode tok/s | vs {names[0]} | replies identical to {names[0]} | common prefix (tokens) |")
-        print("|---|---|---|---|---|")
+        print(f"| export | decode tok/s | vs {names[0]} | replies identical to {names[0]} | common prefix (tokens) "
+              f"| same choice along {names[0]}'s replies |")
+        print("|---|---|---|---|---|---|")
         for name, s in summary.items():
-            print(f"| {name} | {s['decode_tok_s']} | {s['vs_first']:.2f}x | {s['identical']} | {s['common_prefix']} |")
+            print(f"| {name} | {s['decode_tok_s']} | {s['vs_first']:.2f}x | {s['identical']} | {s['common_prefix']} "
+                  f"| {100 * s['agreement']:.1f} % |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 

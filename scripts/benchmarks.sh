@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every table in BENCHMARKS.md, on this machine: exports SmolLM2-135M with the shipped drafter (fp32, int4,
-# int8, and fp32 with the drafter's full LM head for the reference comparison), then runs dflash-bench and
-# the reference package's loop. Results land in runs/bench/ (JSON, markdown, plots). About 80 minutes on
-# two cores; run it on an otherwise idle machine. Each step is skipped when its result exists.
+# both int8 kinds, and fp32 with the drafter's full LM head for the reference comparison), then runs
+# dflash-bench and the reference package's loop. Results land in runs/bench/ (JSON, markdown, plots). About
+# 100 minutes on two cores; run it on an otherwise idle machine. Each step is skipped when its result exists.
 #     bash scripts/benchmarks.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,7 @@ bench_once() {  # name, dflash-bench arguments...
 export_once exports/smollm2-135m
 export_once exports/smollm2-int4 --quantize int4
 export_once exports/smollm2-int8 --quantize int8
+export_once exports/smollm2-int8-tokens --quantize int8-tokens
 export_once exports/smollm2-fullvocab --draft-vocab 0
 
 # 1. DFlash with the shipped drafter against plain ORT decoding, transformers and Optimum.
@@ -46,6 +47,11 @@ bench_once int8 --model exports/smollm2-int8 --dataset humaneval --limit 4 --blo
     --oracle-tau 6.5 --no-transformers --no-optimum
 bench_once int8-lookup --model exports/smollm2-int8 --dataset humaneval mtbench --limit 8 \
     --block-size auto auto-drafter auto-lookup --repeats 2 --no-transformers --no-optimum
+bench_once int8-tokens --model exports/smollm2-int8-tokens --dataset humaneval mtbench --limit 8 \
+    --block-size auto auto-drafter auto-lookup 16 --oracle-tau 6.5 --repeats 2 --no-transformers --no-optimum
+# 3b. Plain decoding of fp32 and both int8 kinds side by side: speed, and how closely each follows fp32.
+[ -f "$OUT/quantized.json" ] || "$BIN/python" benchmarks/quantized.py exports/smollm2-135m \
+    exports/smollm2-int8 exports/smollm2-int8-tokens --dataset humaneval mtbench --limit 8 --json "$OUT/quantized.json"
 # 4. Against the reference package's PyTorch loop, same target, drafter (full head, as the reference
 #    drafts) and prompts. The reference runs in the parity environment (bash scripts/parity.sh makes it).
 bench_once fullvocab --model exports/smollm2-fullvocab --dataset humaneval --limit 8 --block-size 16 \

@@ -224,13 +224,17 @@ def test_reduced_draft_vocabulary_scores_only_its_tokens_and_stays_lossless(tiny
     assert generate(model, ids, 40, block_size=8)[0] == plain
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_target_is_lossless_against_its_own_plain_decoding(tmp_path, tiny_llama, kind):
+@pytest.mark.parametrize("kind,product", [("int8", "MatMulNBits"), ("int8-tokens", "MatMulInteger"),
+                                          ("int4", "MatMulNBits")])
+def test_quantized_target_is_lossless_against_its_own_plain_decoding(tmp_path, tiny_llama, kind, product):
     out = _export_variant(tmp_path, tiny_llama, quantize=kind)
     manifest = json.loads((out / "dflash_edge.json").read_text())
     assert manifest["target"]["quantization"] == kind
-    ops = {n.op_type for n in onnx.load(str(out / "target.onnx"), load_external_data=False).graph.node}
-    assert "MatMulNBits" in ops
+    graph = onnx.load(str(out / "target.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert product in ops and "MatMul" in ops  # the attention's products stay fp32
+    if kind == "int8-tokens":  # the LM head too is an int8 product
+        assert "Gemm" not in ops
     validation = manifest["export"]["validation"]
     assert validation["target (fp32):logits"]["ok"]  # the trace, before quantizing
     assert validation[f"target ({kind}):rows = one at a time"]["ok"]
@@ -240,6 +244,21 @@ def test_quantized_target_is_lossless_against_its_own_plain_decoding(tmp_path, t
     plain, _ = generate(model, ids, 30, block_size=1)
     for block in (4, 16, None):
         assert generate(model, ids, 30, block_size=block)[0] == plain
+
+
+@pytest.mark.parametrize("quantize", [None, "int8-tokens"])
+def test_a_target_exports_without_a_drafter(tmp_path, tiny_qwen3, quantize):
+    # Nothing to share the vocab matrices with: the export used to fail looking for them.
+    from dflash_edge.export.pipeline import export
+
+    out = export(str(tiny_qwen3[0]), str(tmp_path / "out"), log=lambda *a: None, quantize=quantize)
+    manifest = json.loads((out / "dflash_edge.json").read_text())
+    assert manifest["drafter"] is None and manifest["shared_weights"] is None
+    model = ExportedModel(out)
+    model.stop_token_ids = set()
+    ids = model.tokenizer.encode("the cat sat on the mat the cat sat on the")
+    plain, _ = generate(model, ids, 30, block_size=1)
+    assert generate(model, ids, 30, block_size=None)[0] == plain  # prompt lookup
 
 
 class _RowSession:
@@ -269,7 +288,8 @@ def test_row_check_catches_logits_that_depend_on_the_other_tokens_of_a_verify(sh
     assert report.ok is not shared
 
 
-def test_an_int8_verify_computes_each_row_exactly_as_a_single_step_does(tmp_path, tiny_llama):
+@pytest.mark.parametrize("kind", ["int8", "int8-tokens"])
+def test_an_int8_verify_computes_each_row_exactly_as_a_single_step_does(tmp_path, tiny_llama, kind):
     # int8 rounds activations, so any difference between a verify's rows and single steps becomes different
     # tokens. Bit for bit past 1,024 cache slots, where ONNX Runtime's CPU MatMul used to sum a 16-token
     # verify's values product (32 columns for 2 query heads per KV head) in other pieces than a step's.
@@ -277,7 +297,7 @@ def test_an_int8_verify_computes_each_row_exactly_as_a_single_step_does(tmp_path
     from dflash_edge.export.validate import Report, check_rows_independent
     from dflash_edge.runtime.session import SharedWeights, make_session
 
-    out = _export_variant(tmp_path, tiny_llama, quantize="int8")
+    out = _export_variant(tmp_path, tiny_llama, quantize=kind)
     manifest = json.loads((out / "dflash_edge.json").read_text())
     target = manifest["target"]
     session = make_session(out / target["graph"], ["CPUExecutionProvider"],

@@ -23,9 +23,10 @@ def parse_args(argv):
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="score only the N most frequent tokens in the drafter's LM head (from its "
                         "draft_vocab.json; default: all of that file; 0: the whole vocabulary)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the target's weights with ONNX Runtime's tools (MatMulNBits; with "
-                        "--variant tensorrt: int4 as block-quantized DequantizeLinear)")
+    p.add_argument("--quantize", choices=["int8", "int8-tokens", "int4"], default=None,
+                   help="quantize the target's weights: int8 or int4 (MatMulNBits; with --variant tensorrt, int4 "
+                        "as block-quantized DequantizeLinear), or int8-tokens (per-token int8 products: a verify "
+                        "costs much less than int8's, so DFlash pays more on CPUs; a little further from fp32)")
     p.add_argument("--variant", choices=["ort", "tensorrt"], default=None,
                    help="ort (default): for ONNX Runtime's CPU and CUDA providers; tensorrt: standard ONNX "
                         "ops only, checked, so TensorRT builds the whole graph")

@@ -18,7 +18,7 @@ from ..manifest import write_manifest
 from .devices import apply_preset
 from .drafter import DRAFT_VOCAB_FILE, DFlashDrafter, default_tap_layer_ids, load_drafter, read_draft_vocab
 from .modeling import load_target_from_hf
-from .quantize import QUANTIZE
+from .quantize import QUANTIZE, ROUNDS_ACTIVATIONS
 from .sources import load_hf, resolve_drafter, resolve_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -27,9 +27,9 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 # says little (SmolLM2 int4: 80-150 % of the largest output, yet fluent replies), so only a non-finite
 # output fails. The trace itself is checked at fp32 before quantizing.
 QUANT_TOLERANCE = float("inf")
-# Graph variants: "ort" for ONNX Runtime's CPU and CUDA providers (int8/int4 as the contrib MatMulNBits);
-# "tensorrt" with standard ONNX ops only (int4 as block-quantized DequantizeLinear), which TensorRT takes
-# whole instead of leaving contrib ops to other providers.
+# Graph variants: "ort" for ONNX Runtime's CPU and CUDA providers (int8 and int4 as the contrib MatMulNBits,
+# int8-tokens as MatMulInteger); "tensorrt" with standard ONNX ops only (int4 as block-quantized
+# DequantizeLinear), which TensorRT takes whole instead of leaving contrib ops to other providers.
 VARIANTS = ("ort", "tensorrt")
 
 
@@ -129,7 +129,7 @@ def check_options(dtype: str, variant: str, quantize: str | None) -> None:
     if quantize and dtype != "fp32" and variant == "ort":
         raise UserError("--quantize for ONNX Runtime's providers starts from fp32 weights; drop --dtype fp16 "
                         "(--variant tensorrt takes fp16)")
-    if quantize == "int8" and variant == "tensorrt":
+    if quantize in ROUNDS_ACTIVATIONS and variant == "tensorrt":
         raise UserError("--variant tensorrt quantizes to int4 only (block-quantized weights); use --quantize int4")
 
 
@@ -137,9 +137,9 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
            drafter: str | None = None, force: bool = False, log=print, draft_vocab: int | None = None,
            quantize: str | None = None, variant: str | None = None, device: str | None = None) -> Path:
     """draft_vocab: rows of the LM head the drafter scores: None = its draft_vocab.json if it has one,
-    0 = the whole head, N = the N most frequent of its draft_vocab.json. quantize: int8 or int4 weights
-    in the target graph (export/quantize.py). variant: one of VARIANTS (default ort). device: a preset
-    (export/devices.py) that fills in dtype, variant and quantize where they are not given."""
+    0 = the whole head, N = the N most frequent of its draft_vocab.json. quantize: int8, int8-tokens or
+    int4 weights in the target graph (export/quantize.py). variant: one of VARIANTS (default ort). device:
+    a preset (export/devices.py) that fills in dtype, variant and quantize where they are not given."""
     check_options(*apply_preset(device, dtype, variant, quantize, target_params=0)[:3])  # before loading
     source = resolve_model(model)
     if drafter is None and source.shipped_drafter is not None:
@@ -243,19 +243,29 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     target = load_target_from_hf(hf_model, tap_ids, qk_norm=(family == "qwen3"))
     check_module(target, hf_model, report)
     target = target.to(DTYPES[dtype])
+    if quantize == "int8-tokens":
+        from .smoothing import ALPHA, calibration_texts, input_peaks, smooth
+
+        texts = calibration_texts(tokenizer)
+        smooth(target, input_peaks(hf_model, tokenizer, texts))
+        log(f"      moved activation outliers into the weights for int8-tokens (alpha {ALPHA}, {len(texts)} "
+            f"calibration texts)")
 
     steps(f"tracing target.onnx ({config.num_hidden_layers} layers, {dtype}, taps {tap_ids})")
-    # int8 rounds activations (MatMulNBits' int8 compute), so its verify rows must equal single steps exactly.
-    target_io = trace.export_target(target, tmp / "target.onnx", exact_rows=quantize == "int8")
+    # int8 kinds round activations, so a verify's rows must equal single steps exactly.
+    target_io = trace.export_target(target, tmp / "target.onnx", exact_rows=quantize in ROUNDS_ACTIVATIONS)
     if quantize:
         # Check the trace itself at full precision first; the quantized graph is then held to its own bound.
         validate_target(tmp, {"target": {"graph": "target.onnx", **target_io}}, target, report,
                         label=f"target ({dtype})")
         from .quantize import quantize_target
         n = quantize_target(tmp / "target.onnx", quantize, standard_ops=variant == "tensorrt")
-        how = "block-quantized DequantizeLinear" if variant == "tensorrt" else "MatMulNBits"
-        log(f"      quantized {n} weight MatMuls to {quantize} ({how}; embedding, LM head and attention "
-            f"stay {dtype})")
+        if quantize == "int8-tokens":
+            how = "per-token int8 MatMulInteger, LM head included; embedding and attention stay"
+        else:
+            how = ("block-quantized DequantizeLinear" if variant == "tensorrt" else "MatMulNBits") + \
+                "; embedding, LM head and attention stay"
+        log(f"      quantized {n} weight products to {quantize} ({how} {dtype})")
     graphs = ["target.onnx"]
     shared_names = ["embed_tokens.weight"] + ([] if target.tie_word_embeddings else ["lm_head.weight"])
     drafter_entry = None
@@ -280,7 +290,10 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
         (tmp / "drafter" / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
 
     steps("sharing the embedding and LM head between graphs")
-    shared = share_weights(tmp, graphs, shared_names)
+    # Only the drafter's graph names them so: the target's trace calls them target.embed_tokens.weight
+    # (BufferedTarget's attribute) and keeps its own copy, which a decode step reads 5 % faster than the
+    # shared, memory-mapped one (SmolLM2 on 2 AVX2 cores, three side-by-side runs; its Gemm is prepacked).
+    shared = share_weights(tmp, graphs, shared_names) if drafter_model else None
 
     manifest = {
         "target": {
