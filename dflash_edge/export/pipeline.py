@@ -292,7 +292,7 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     steps("sharing the embedding and LM head between graphs")
     # Only the drafter's graph names them so: the target's trace calls them target.embed_tokens.weight
     # (BufferedTarget's attribute) and keeps its own copy, which a decode step reads 5 % faster than the
-    # shared, memory-mapped one (SmolLM2 on 2 AVX2 cores, three side-by-side runs; its Gemm is prepacked).
+    # shared, memory-mapped one (SmolLM2 on 2 AVX2 cores, side by side in both orders).
     shared = share_weights(tmp, graphs, shared_names) if drafter_model else None
 
     manifest = {
