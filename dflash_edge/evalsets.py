@@ -23,8 +23,9 @@ def _file(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / relative
 
 
-def load_prompts(name: str) -> list[str]:
-    """HumanEval: the 164 function prompts. MT-Bench: the 80 first-turn questions."""
+def load_prompts(name: str, all_turns: bool = False) -> list[str]:
+    """HumanEval: the 164 function prompts. MT-Bench: the 80 first-turn questions (with `all_turns`, the
+    second turns follow)."""
     if name not in SETS:
         raise UserError(f"unknown evaluation set {name!r}; choose {', '.join(SETS)}")
     path = _file(name)
@@ -33,4 +34,4 @@ def load_prompts(name: str) -> list[str]:
         rows = [json.loads(line) for line in f if line.strip()]
     if name == "humaneval":
         return [r["prompt"] for r in rows]
-    return [r["turns"][0] for r in rows]
+    return [r["turns"][0] for r in rows] + ([t for r in rows for t in r["turns"][1:]] if all_turns else [])

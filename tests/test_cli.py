@@ -207,6 +207,12 @@ TRAIN_CASES = {
     "block of one": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--block-size", "1"], "at least 2"),
     "unwritable output": (["--data", "{root}/ok.jsonl", "--output", "/proc/none/o"], "cannot write"),
     "unknown target": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--target", "gpt5-tiny"], "unknown model"),
+    "no data": (["--output", "{root}/o"], "give --data"),
+    "shards not a folder": (["--shards", "{root}/ok.jsonl", "--output", "{root}/o"], "not a shard folder"),
+    "zero shard tokens": (["--shards", "{root}", "--output", "{root}/o", "--shard-tokens", "0"], "--shard-tokens"),
+    "dpace alpha": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--dpace", "1.5"], "--dpace"),
+    "soft weight": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--soft-targets", "4",
+                     "--soft-weight", "2"], "--soft-weight"),
 }
 
 
@@ -217,6 +223,31 @@ def test_train_bad_input(case, train_inputs):
     err = out.stderr.decode().strip()
     assert out.returncode == 2, (case, err)
     assert len(err.splitlines()) == 1 and "Traceback" not in err and expected in err, err
+    assert not (train_inputs / "o").exists() and not (train_inputs / "o.work").exists()
+
+
+DATA_CASES = {
+    "regenerate: missing prompts": (["dflash_edge.train.regenerate", "--prompts", "/none.jsonl", "--output",
+                                     "{root}/s"], "does not exist"),
+    "regenerate: output is a file": (["dflash_edge.train.regenerate", "--prompts", "{root}/ok.jsonl",
+                                      "--output", "{root}/ok.jsonl"], "is not a folder"),
+    "regenerate: zero batch": (["dflash_edge.train.regenerate", "--prompts", "{root}/ok.jsonl", "--output",
+                                "{root}/s", "--batch", "0"], "--batch"),
+    "selfquery: no count": (["dflash_edge.train.selfquery", "{root}/q.jsonl", "--count", "0"], "--count"),
+    "selfquery: hot": (["dflash_edge.train.selfquery", "{root}/q.jsonl", "--count", "5", "--top-p", "0"], "--top-p"),
+    "selfquery: bad exclude": (["dflash_edge.train.selfquery", "{root}/q.jsonl", "--count", "5", "--exclude",
+                                "/none.jsonl"], "--exclude"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_data_commands_bad_input(case, train_inputs):
+    args, expected = DATA_CASES[case]
+    out = run([sys.executable, "-m"] + [a.format(root=train_inputs) for a in args])
+    err = out.stderr.decode().strip()
+    assert out.returncode == 2, (case, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and expected in err, err
+    assert not (train_inputs / "s").exists() and not (train_inputs / "q.jsonl").exists()
 
 
 SERVE = [sys.executable, "-m", "dflash_edge.runtime.server"]

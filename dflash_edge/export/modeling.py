@@ -336,10 +336,12 @@ class TargetModel(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         return [torch.zeros(shape, device=device, dtype=dtype) for shape in self.cache_shapes(batch, 0)]
 
-    def forward(self, input_ids, position_ids, attention_mask, logits_index, *past, argmax: bool = False):
+    def forward(self, input_ids, position_ids, attention_mask, logits_index, *past, argmax: bool = False,
+                top_k: int = 0):
         """argmax=True returns the ids of the largest logits [b, k] in place of the logits (training's
         feature pass wants the target's choice at every position, and logits for all of them would be
-        gigabytes)."""
+        gigabytes); with top_k as well, the top_k likeliest ids [b, k, top_k] and their probabilities
+        follow them (soft targets)."""
         s = input_ids.shape[1]
         total = attention_mask.shape[1]
         x = self.embed_tokens(input_ids)
@@ -357,8 +359,18 @@ class TargetModel(nn.Module):
             self._tap(i, x, taps)
         h = self.norm(x.index_select(1, logits_index))
         if argmax:
-            rows = h.reshape(-1, h.shape[-1]).split(1024)
-            ids = torch.cat([F.linear(r, self.head_weight()).argmax(-1) for r in rows]).view(h.shape[:2])
+            ids, top_ids, top_probs = [], [], []
+            for rows in h.reshape(-1, h.shape[-1]).split(1024):  # a 1,024-row piece of logits at a time
+                logits = F.linear(rows, self.head_weight()).float()
+                ids.append(logits.argmax(-1))
+                if top_k:
+                    best = logits.softmax(-1).topk(top_k, dim=-1)
+                    top_ids.append(best.indices)
+                    top_probs.append(best.values)
+            ids = torch.cat(ids).view(h.shape[:2])
+            if top_k:
+                return (ids, torch.cat(top_ids).view(*h.shape[:2], top_k),
+                        torch.cat(top_probs).view(*h.shape[:2], top_k), self._pack_taps(taps), *present)
             return (ids, self._pack_taps(taps), *present)
         return (lm_head(h, self.head_weight()), self._pack_taps(taps), *present)
 

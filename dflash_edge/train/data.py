@@ -26,24 +26,33 @@ class Sequence:
     loss_mask: list[int]  # 1 where the drafter is trained to predict (responses, or all plain text)
 
 
-def read_prompts(path: Path) -> list[list[dict]]:
-    """jsonl lines with "prompt" (a user message) or "messages" (a conversation) -> conversations."""
+def conversation(row) -> list[dict] | None:
+    """A jsonl row's conversation up to its last user turn ("prompt": a user message, or "messages");
+    None when the row has neither."""
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}]
+    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        # Keep the turns up to the last user message; the target writes the reply itself.
+        msgs = [m for m in row["messages"] if isinstance(m, dict) and "role" in m and "content" in m]
+        while msgs and msgs[-1]["role"] != "user":
+            msgs.pop()
+        return msgs
+    return None
+
+
+def read_prompts(path: Path, with_rows: bool = False) -> list:
+    """jsonl lines with "prompt" (a user message) or "messages" (a conversation) -> conversations
+    (with `with_rows`, (conversation, row) pairs)."""
     if not path.is_file():
         raise UserError(f"training data {path} {'is not a file' if path.exists() else 'does not exist'}; "
                         f"pass a jsonl file")
     convs = []
     for n, row in read_jsonl(path):
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            convs.append([{"role": "user", "content": row["prompt"]}])
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-            # Keep the turns up to the last user message; the target writes the reply itself.
-            msgs = [m for m in row["messages"] if isinstance(m, dict) and "role" in m and "content" in m]
-            while msgs and msgs[-1]["role"] != "user":
-                msgs.pop()
-            if msgs:
-                convs.append(msgs)
-        else:
+        conv = conversation(row)
+        if conv is None:
             raise UserError(f"{path}:{n} needs a \"prompt\" string or a \"messages\" list")
+        if conv:
+            convs.append((conv, row) if with_rows else conv)
     if not convs:
         raise UserError(f"{path} holds no prompts")
     return convs
@@ -120,6 +129,29 @@ def text_sequences(tokenizer, files: list[Path], seq_len: int, max_tokens: int) 
             if total >= max_tokens:
                 return seqs
     return seqs
+
+
+def shard_sequences(folders: list[Path], vocab_size: int, max_tokens: int | None = None,
+                    seed: int = 0) -> list[Sequence]:
+    """Every sequence of the shard folders (the reply supervised), or with max_tokens a seeded random
+    selection of them up to that many tokens."""
+    import random
+
+    from .shards import read_shards
+
+    shards, _ = read_shards(folders, vocab_size)
+    where = [(s, i) for s in shards for i in range(len(s))]
+    if max_tokens is not None:
+        random.Random(seed).shuffle(where)
+    out, total = [], 0
+    for shard, i in where:
+        tokens, prompt_len = shard.sequence(i)
+        if max_tokens is not None and total + len(tokens) > max_tokens:
+            if total:
+                break
+        out.append(Sequence(tokens, [0] * prompt_len + [1] * (len(tokens) - prompt_len)))
+        total += len(tokens)
+    return out
 
 
 def save_sequences(path: Path, seqs: list[Sequence]) -> None:

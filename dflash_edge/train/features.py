@@ -2,7 +2,9 @@
 
 Stored as one fp16 memmap ([total_tokens, n_taps*H]) plus an offsets index; taps reach |x| ~ 25,000,
 inside fp16's range, and the drafter's fc sees them in fp32. The same pass keeps the target's greedy
-choice after every position (int32, [total_tokens]), the labels of dflash-train --labels target.
+choice after every position (int32, [total_tokens]), the labels of dflash-train --labels target, and
+with top_k its top_k likeliest tokens there and their probabilities (int32 + fp16, [total_tokens, top_k]),
+the soft targets of --soft-targets.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ class FeatureStore:
         self.data = np.memmap(folder / "features.f16", dtype=np.float16, mode="r", shape=(total, self.width))
         greedy = folder / "greedy.i32"  # absent from caches written before it existed
         self.choices = np.memmap(greedy, dtype=np.int32, mode="r", shape=(total,)) if greedy.is_file() else None
+        self.top_k = meta.get("top_k", 0)
+        if self.top_k:
+            shape = (total, self.top_k)
+            self.top_ids = np.memmap(folder / "topk_ids.i32", dtype=np.int32, mode="r", shape=shape)
+            self.top_probs = np.memmap(folder / "topk_probs.f16", dtype=np.float16, mode="r", shape=shape)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -40,6 +47,13 @@ class FeatureStore:
         a, b = self.offsets[i], self.offsets[i + 1]
         return torch.from_numpy(np.asarray(self.choices[a:b], dtype=np.int64))
 
+    def soft(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence i's soft targets: the target's top_k ids [len, k] after each position, and their
+        probabilities [len, k]."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return (torch.from_numpy(np.asarray(self.top_ids[a:b], dtype=np.int64)),
+                torch.from_numpy(np.asarray(self.top_probs[a:b], dtype=np.float32)))
+
     @staticmethod
     def exists(folder: Path) -> bool:
         return (folder / "features.json").is_file()
@@ -47,7 +61,7 @@ class FeatureStore:
 
 @torch.no_grad()
 def compute_features(target, seqs: list[Sequence], folder: Path, device: str, log=print,
-                     batch_tokens: int = 4096) -> FeatureStore:
+                     batch_tokens: int = 4096, top_k: int = 0) -> FeatureStore:
     """Run the target module (export/modeling.TargetModel) over every sequence; write the store."""
     width = len(target.tap_layer_ids) * target.spec.hidden_size
     offsets = [0]
@@ -56,6 +70,10 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
     tmp, tmp_greedy = folder / "features.f16.tmp", folder / "greedy.i32.tmp"
     data = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(offsets[-1], width))
     choices = np.memmap(tmp_greedy, dtype=np.int32, mode="w+", shape=(offsets[-1],))
+    if top_k:
+        tmp_ids, tmp_probs = folder / "topk_ids.i32.tmp", folder / "topk_probs.f16.tmp"
+        top_ids = np.memmap(tmp_ids, dtype=np.int32, mode="w+", shape=(offsets[-1], top_k))
+        top_probs = np.memmap(tmp_probs, dtype=np.float16, mode="w+", shape=(offsets[-1], top_k))
     t0 = time.perf_counter()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
     i = 0
@@ -72,14 +90,19 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
         empty = target.empty_cache(len(batch), device)
         pos = torch.arange(width_now)[None].expand(len(batch), -1)
         # The target runs in its own dtype (bf16 with dflash-train --precision bf16).
-        greedy, taps, *_ = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
-                                  torch.arange(width_now, device=device), *empty, argmax=True)
-        greedy = greedy.int().cpu().numpy()
+        out = target(ids.to(device), pos.to(device), torch.ones_like(ids).to(device),
+                     torch.arange(width_now, device=device), *empty, argmax=True, top_k=top_k)
+        greedy, taps = out[0].int().cpu().numpy(), out[3 if top_k else 1]
+        if top_k:
+            ids_k, probs_k = out[1].int().cpu().numpy(), out[2].float().cpu().numpy().astype(np.float16)
         taps = taps.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
         for r, j in enumerate(batch):
             n = len(seqs[j].tokens)
             data[offsets[j]:offsets[j] + n] = taps[r, :n]
             choices[offsets[j]:offsets[j] + n] = greedy[r, :n]
+            if top_k:
+                top_ids[offsets[j]:offsets[j] + n] = ids_k[r, :n]
+                top_probs[offsets[j]:offsets[j] + n] = probs_k[r, :n]
         i += len(batch)
         if i == len(order) or i % 64 < len(batch):
             rate = offsets[-1] * i / len(order) / (time.perf_counter() - t0)
@@ -87,7 +110,13 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
     data.flush()
     choices.flush()
     del data, choices
+    if top_k:
+        top_ids.flush()
+        top_probs.flush()
+        del top_ids, top_probs
+        tmp_ids.rename(folder / "topk_ids.i32")
+        tmp_probs.rename(folder / "topk_probs.f16")
     tmp_greedy.rename(folder / "greedy.i32")
     tmp.rename(folder / "features.f16")
-    (folder / "features.json").write_text(json.dumps({"offsets": offsets, "width": width}))
+    (folder / "features.json").write_text(json.dumps({"offsets": offsets, "width": width, "top_k": top_k}))
     return FeatureStore(folder)

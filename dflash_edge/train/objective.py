@@ -69,7 +69,9 @@ def target_labels(tokens: torch.Tensor, greedy: torch.Tensor, positions: torch.T
 def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
                 anchors: torch.Tensor, gamma: float, vocab_subset: torch.Tensor | None = None,
                 negatives: torch.Tensor | None = None, negative_weight: float = 1.0,
-                greedy: torch.Tensor | None = None, min_weight: float = 0.0):
+                greedy: torch.Tensor | None = None, min_weight: float = 0.0,
+                soft: tuple[torch.Tensor, torch.Tensor] | None = None, soft_weight: float = 0.0,
+                dpace_alpha: float | None = None):
     """Weighted cross-entropy of one packed sequence. Returns (loss, accepted-length proxy stats).
 
     features [S, n_taps*H] fp32, tokens [S], loss_mask [S] (1 on response tokens), anchors [N].
@@ -83,6 +85,12 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
     min_weight: rows whose loss weight is below it are left out (with a small gamma the late rows weigh
     almost nothing, and their share of the LM head is pure cost); the accepted-length statistic then
     stops at the last row kept.
+    soft: the target's top-k ids and probabilities after every position ([S, k] each, the feature pass's
+    cache); a row's loss is then (1 - soft_weight) * CE + soft_weight * the cross-entropy against the
+    target's top-k distribution (renormalised) at the position the row predicts.
+    dpace_alpha: D-PACE weights in place of the exp decay: q_i = (1 - alpha) exp(-CE_i) + alpha per row
+    (detached), w_j = sum over m >= j of prod over i <= m of q_i, i.e. the expected number of accepted
+    rows that row j's acceptance leads to; rows without a label stop the chain.
     """
     cfg = drafter.config
     block = cfg.block_size
@@ -113,9 +121,9 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
     if vocab_subset is not None:
         head = head[vocab_subset]
         remapped = torch.searchsorted(vocab_subset, labels.contiguous())
-        inside = remapped < vocab_subset.numel()
-        inside &= vocab_subset[remapped.clamp(max=vocab_subset.numel() - 1)] == labels
-        valid = valid & inside
+        in_subset = remapped < vocab_subset.numel()
+        in_subset &= vocab_subset[remapped.clamp(max=vocab_subset.numel() - 1)] == labels
+        valid = valid & in_subset
         labels = remapped.clamp(max=vocab_subset.numel() - 1)
         if negatives is not None and negatives.numel():
             head = torch.cat([head, drafter.head_weight[negatives]])
@@ -127,7 +135,15 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
     if correction is not None:
         logits = logits + correction
     ce = F.cross_entropy(logits, labels[valid], reduction="none")
-    w = weights[None, :].expand_as(labels)[valid]
+    if dpace_alpha is not None:
+        w = dpace_weights(ce.detach(), valid, dpace_alpha)[valid]
+    else:
+        w = weights[None, :].expand_as(labels)[valid]
+    if soft is not None and soft_weight > 0:
+        top_ids, top_probs = soft
+        at = (inside.view(n, block)[:, 1:] - 1).clamp(min=0)[valid]  # the position each row's choice follows
+        ce = (1 - soft_weight) * ce + soft_weight * soft_cross_entropy(logits, top_ids[at], top_probs[at],
+                                                                      vocab_subset)
     loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
     with torch.no_grad():
         correct = torch.zeros_like(valid)
@@ -135,6 +151,28 @@ def dflash_loss(drafter: DFlashDrafter, features: torch.Tensor, tokens: torch.Te
         # Accepted length per block if drafted greedily: the run of correct rows from row 1.
         run = torch.cumprod(correct.int(), dim=1).sum(1)
     return loss, {"accept": run.float().mean().item() + 1.0, "rows": int(valid.sum())}
+
+
+def dpace_weights(ce: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[N, B-1] D-PACE weights from the labelled rows' cross-entropies (ce, in valid's order)."""
+    q = torch.zeros(valid.shape, dtype=ce.dtype, device=ce.device)
+    q[valid] = (1 - alpha) * torch.exp(-ce) + alpha
+    reach = torch.cumprod(q, dim=1)                          # P(rows 1..m all accepted), under q
+    return reach.flip(1).cumsum(1).flip(1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor,
+                       vocab_subset: torch.Tensor | None) -> torch.Tensor:
+    """Per-row cross-entropy against the target's top-k distribution, renormalised over the ids the
+    softmax covers (a reduced draft vocabulary drops the rest)."""
+    logp = F.log_softmax(logits, dim=-1)
+    probs = top_probs.to(logp.dtype)
+    if vocab_subset is not None:
+        where = torch.searchsorted(vocab_subset, top_ids.contiguous()).clamp(max=vocab_subset.numel() - 1)
+        probs = probs * (vocab_subset[where] == top_ids)
+        top_ids = where
+    probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-6)
+    return -(probs * logp.gather(-1, top_ids)).sum(-1)
 
 
 def default_gamma(block: int) -> float:

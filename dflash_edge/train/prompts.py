@@ -197,12 +197,38 @@ def task_prompts(rng: random.Random, count: int) -> list[str]:
     return distinct(one, count)
 
 
-def build(code: int, chat: int, seed: int = 0, tasks: int = 0) -> list[str]:
+def build_rows(code: int, chat: int, seed: int = 0, tasks: int = 0) -> list[tuple[str, str]]:
+    """(source, prompt) pairs: code and chat shuffled together, then the tasks."""
     rng = random.Random(seed)
-    prompts = code_prompts(rng, code) + chat_prompts(rng, chat)
-    rng.shuffle(prompts)
+    rows = [("code", p) for p in code_prompts(rng, code)] + [("chat", p) for p in chat_prompts(rng, chat)]
+    rng.shuffle(rows)
     # Drawn from their own generator, so adding tasks leaves the code and chat prompts as they were.
-    return prompts + task_prompts(random.Random(seed + 1), tasks)
+    return rows + [("tasks", p) for p in task_prompts(random.Random(seed + 1), tasks)]
+
+
+def clean(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Rows without repeats (the same function is documented in several packages) and without any that
+    overlap an evaluation prompt (decontaminate.py; skipped with a note when the wheels are absent)."""
+    from ..errors import UserError
+    from .decontaminate import contaminated
+
+    seen, out = set(), []
+    try:
+        contaminated("")
+        check = contaminated
+    except UserError as e:
+        print(f"note: {e}; prompts are not checked against the evaluation sets", file=sys.stderr)
+        check = lambda text: False  # noqa: E731
+    for source, prompt in rows:
+        key = " ".join(prompt.split())
+        if key not in seen and not check(prompt):
+            seen.add(key)
+            out.append((source, prompt))
+    return out
+
+
+def build(code: int, chat: int, seed: int = 0, tasks: int = 0) -> list[str]:
+    return [p for _, p in build_rows(code, chat, seed, tasks)]
 
 
 def main(argv=None) -> int:
@@ -212,13 +238,17 @@ def main(argv=None) -> int:
     p.add_argument("--chat", type=int, default=1000, help="chat prompts from templates")
     p.add_argument("--tasks", type=int, default=0,
                    help="assistant tasks from templates (role play, rewriting, extraction, word problems, ...)")
+    p.add_argument("--shuffle", action="store_true",
+                   help="mix the three kinds through the file (a run that answers only part of it then sees all)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    prompts = build(args.code, args.chat, args.seed, args.tasks)
+    rows = clean(build_rows(args.code, args.chat, args.seed, args.tasks))
+    if args.shuffle:
+        random.Random(args.seed + 2).shuffle(rows)
     with open(args.output, "w", encoding="utf-8") as f:
-        for prompt in prompts:
-            f.write(json.dumps({"prompt": prompt}) + "\n")
-    print(f"wrote {len(prompts)} prompts to {args.output}")
+        for source, prompt in rows:
+            f.write(json.dumps({"prompt": prompt, "source": source}) + "\n")
+    print(f"wrote {len(rows)} prompts to {args.output}")
     return 0
 
 

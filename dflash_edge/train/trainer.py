@@ -34,6 +34,8 @@ class TrainConfig:
     bf16: bool = False                 # autocast the forward to bf16 (master weights and optimizer stay fp32)
     labels: str = "text"               # "target": learn the target's greedy choices (objective.py)
     min_weight: float = 0.01           # rows weighing less skip the LM head (see dflash_loss)
+    soft_weight: float = 0.0           # share of the loss on the target's top-k distribution (soft targets)
+    dpace_alpha: float | None = None   # D-PACE row weights in place of the exp(-(k-1)/gamma) decay
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -42,6 +44,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warm
     progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def objective_options(store: FeatureStore, i: int, cfg: TrainConfig) -> dict:
+    """The optional terms of the objective for sequence i: soft targets and D-PACE weights."""
+    soft = None
+    if cfg.soft_weight > 0:
+        soft = tuple(t.to(cfg.device) for t in store.soft(i))
+    return {"soft": soft, "soft_weight": cfg.soft_weight, "dpace_alpha": cfg.dpace_alpha}
 
 
 def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], cfg: TrainConfig,
@@ -63,7 +73,8 @@ def evaluate(drafter: DFlashDrafter, store: FeatureStore, seqs, ids: list[int], 
                 loss, info = dflash_loss(drafter, scaled(store[i], feature_scale, cfg.device),
                                          torch.tensor(s.tokens, device=cfg.device), mask.to(cfg.device),
                                          anchors.to(cfg.device), cfg.gamma,
-                                         greedy=store.greedy(i).to(cfg.device) if store.has_greedy else None)
+                                         greedy=store.greedy(i).to(cfg.device) if store.has_greedy else None,
+                                         **objective_options(store, i, cfg))
             losses.append(loss.item())
             accepts.append(info["accept"])
     drafter.train()
@@ -99,6 +110,12 @@ def fold_feature_scale(drafter: DFlashDrafter, scale: torch.Tensor) -> None:
     """fc(x * s) == (fc.weight * s) x: the trained drafter, made to take raw taps."""
     with torch.no_grad():
         drafter.fc.weight.mul_(scale.to(drafter.fc.weight)[None, :])
+
+
+def unfold_feature_scale(drafter: DFlashDrafter, scale: torch.Tensor) -> None:
+    """The inverse of fold_feature_scale: a checkpoint that takes raw taps, made to take scaled ones."""
+    with torch.no_grad():
+        drafter.fc.weight.div_(scale.to(drafter.fc.weight)[None, :])
 
 
 def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: TrainConfig, vocab_subset=None,
@@ -160,7 +177,7 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
                                          torch.tensor(s.tokens, device=cfg.device), mask.to(cfg.device),
                                          anchors.to(cfg.device), cfg.gamma, vocab_subset, negatives, weight,
                                          greedy=store.greedy(i).to(cfg.device) if cfg.labels == "target" else None,
-                                         min_weight=cfg.min_weight)
+                                         min_weight=cfg.min_weight, **objective_options(store, i, cfg))
             (loss / cfg.batch).backward()
             total += loss.item() / cfg.batch
             tokens += info["rows"]
