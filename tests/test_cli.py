@@ -208,6 +208,8 @@ TRAIN_CASES = {
     "unwritable output": (["--data", "{root}/ok.jsonl", "--output", "/proc/none/o"], "cannot write"),
     "unknown target": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--target", "gpt5-tiny"], "unknown model"),
     "no data": (["--output", "{root}/o"], "give --data"),
+    "output is another folder": (["--data", "{root}/ok.jsonl", "--output", "{root}"], "not a drafter checkpoint"),
+    "init not a drafter": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--init", "{root}"], "no config.json"),
     "shards not a folder": (["--shards", "{root}/ok.jsonl", "--output", "{root}/o"], "not a shard folder"),
     "zero shard tokens": (["--shards", "{root}", "--output", "{root}/o", "--shard-tokens", "0"], "--shard-tokens"),
     "dpace alpha": (["--data", "{root}/ok.jsonl", "--output", "{root}/o", "--dpace", "1.5"], "--dpace"),

@@ -221,3 +221,27 @@ def test_soft_targets_and_dpace_train_from_shards(regenerated, tiny_llama, tmp_p
         # The cached top-1 is the target's choice; probabilities come sorted and within one.
         assert torch.equal(ids[:, 0], store.greedy(i))
         assert torch.all(probs[:, :-1] >= probs[:, 1:]) and torch.all(probs.sum(-1) <= 1.001)
+
+
+def test_a_planted_training_state_is_refused_not_unpickled(regenerated, tiny_llama, tmp_path):
+    """state.pt loads with weights_only: a pickle that would run code is refused in one line."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    root, *_ = regenerated
+    common = ["--target", tiny_llama[0], "--shards", root / "shards", "--anchors", 8, "--batch", 1,
+              "--block-size", 8, "--mask-token-id", 3, "--steps", 5, "--eval-every", 5, "--output", tmp_path / "d"]
+    first = _run("dflash_edge.train.cli", *common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "d.work" / "state.pt").write_bytes(pickle.dumps(Payload()))
+    out = _run("dflash_edge.train.cli", *common)
+    assert out.returncode == 2 and "not a training state" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "pwned").exists()
+    # Another drafter shape over the same work folder's state: one line too.
+    (tmp_path / "d.work" / "state.pt").unlink()
+    assert _run("dflash_edge.train.cli", *common).returncode == 0
+    wider = _run("dflash_edge.train.cli", *common, "--draft-layers", 2)
+    assert wider.returncode == 2 and "differently shaped drafter" in wider.stderr

@@ -259,6 +259,11 @@ def test_interrupted_regeneration_resumes_without_redoing_finished_batches(tmp_p
     assert "5 replies already" in logs[0]
     assert [s.tokens for s in resumed] == [s.tokens for s in fresh]
     assert all(s.loss_mask == [0] * len(p) + [1] * 12 for s, p in zip(resumed, prompts))
+    # The torn row was cut off before appending: every row is whole, and a third run redoes nothing.
+    assert sorted(json.loads(line)["index"] for line in partial.read_text().splitlines()) == list(range(10))
+    logs = []
+    regenerate(target, prompts, 12, 4, "cpu", set(), log=logs.append, partial=partial)
+    assert "10 replies already" in logs[0]
 
 
 def test_bf16_target_keeps_fp32_rotary_frequencies(tiny_llama):

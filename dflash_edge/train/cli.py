@@ -161,10 +161,16 @@ def main(argv=None) -> int:
     conversations = read_prompts(Path(args.data))[: args.limit] if args.data else []
     shard_folders = [Path(f) for f in args.shards]
     entries = shard_entries(shard_folders)
+    from ..export.drafter import load_drafter
     from ..export.sources import load_hf, resolve_model
     source = resolve_model(args.target)
+    init = load_drafter(args.init) if args.init else None
     output = Path(args.output)
     work = Path(args.work or f"{output}.work")
+    from .trainer import is_checkpoint
+    if output.exists() and not is_checkpoint(output):
+        # Only a drafter checkpoint is ever replaced (the one an earlier run wrote), never another folder.
+        raise UserError(f"--output {output} exists and is not a drafter checkpoint; name a new folder")
     try:
         work.mkdir(parents=True, exist_ok=True)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +182,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: this torch sees no CUDA device")
-    from ..export.drafter import (config_for_target, default_tap_layer_ids, load_drafter, random_drafter,
-                                  write_draft_vocab)
+    from ..export.drafter import config_for_target, default_tap_layer_ids, random_drafter, write_draft_vocab
     from ..export.modeling import load_target_from_hf
     from ..export.pipeline import derive_chat, stop_ids
     from .data import (chat_prompts, label_counts, load_sequences, regenerate, save_sequences, shard_sequences,
@@ -191,7 +196,6 @@ def main(argv=None) -> int:
     hf, tokenizer, family = load_hf(source)
     if not 0 <= args.mask_token_id < hf.config.vocab_size:
         raise UserError(f"--mask-token-id {args.mask_token_id} is outside the vocab ({hf.config.vocab_size})")
-    init = load_drafter(args.init) if args.init else None
     if init is not None:
         check_init(init.config, hf.config, args)
     layers = hf.config.num_hidden_layers
@@ -207,7 +211,9 @@ def main(argv=None) -> int:
             print(warning, file=sys.stderr)
         to_bf16(target)
 
-    inputs = {"data": args.data, "limit": args.limit, "text": args.text, "text_tokens": args.text_tokens,
+    inputs = {"target": source.describe(), "data": args.data, "limit": args.limit,
+              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "text": args.text, "text_tokens": args.text_tokens, "seq_len": args.seq_len,
               "shards": sorted(e["sha256"] for e in entries), "shard_tokens": args.shard_tokens,
               "seed": args.seed if shard_folders else None, "taps": taps}
     forget_stale_caches(work, inputs)

@@ -8,6 +8,7 @@ Everything is cached under the work folder so reruns and resumed runs skip what 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,14 +68,20 @@ def regenerate(target, prompts: list[list[int]], max_new_tokens: int, batch_size
     """
     out: list[Sequence | None] = [None] * len(prompts)
     if partial is not None and partial.is_file():
-        with open(partial) as f:
+        good = 0  # bytes of whole rows: a row torn by a stopped run is cut off, so appends start clean
+        with open(partial, "rb") as f:
             for line in f:
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the batch being written when the run stopped
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    break
+                if not line.endswith(b"\n"):
+                    break
+                good += len(line)
                 if 0 <= row["index"] < len(prompts) and row["tokens"][:len(prompts[row["index"]])] == prompts[row["index"]]:
                     out[row["index"]] = Sequence(row["tokens"], row["loss_mask"])
+        with open(partial, "r+b") as f:
+            f.truncate(good)
         done = sum(s is not None for s in out)
         if done:
             log(f"  resuming: {done} replies already in {partial}")
@@ -94,6 +101,7 @@ def regenerate(target, prompts: list[list[int]], max_new_tokens: int, batch_size
                     sink.write(json.dumps({"index": i, "tokens": out[i].tokens, "loss_mask": out[i].loss_mask}) + "\n")
             if sink is not None:
                 sink.flush()
+                os.fsync(sink.fileno())
             rate = made / (time.perf_counter() - t0)
             left = (len(todo) - start - len(idx)) * made / max(1, start + len(idx)) / max(rate, 1e-9)
             log(f"  regenerated {start + len(idx)}/{len(todo)} replies, {made} tokens, {rate:.0f} tok/s, "

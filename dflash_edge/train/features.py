@@ -56,7 +56,12 @@ class FeatureStore:
 
     @staticmethod
     def exists(folder: Path) -> bool:
-        return (folder / "features.json").is_file()
+        """A complete cache: features.json (written last) parses and its files are there."""
+        try:
+            meta = json.loads((folder / "features.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and (folder / "features.f16").is_file()
 
 
 @torch.no_grad()
@@ -118,5 +123,7 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
         tmp_probs.rename(folder / "topk_probs.f16")
     tmp_greedy.rename(folder / "greedy.i32")
     tmp.rename(folder / "features.f16")
-    (folder / "features.json").write_text(json.dumps({"offsets": offsets, "width": width, "top_k": top_k}))
+    meta = folder / "features.json.tmp"
+    meta.write_text(json.dumps({"offsets": offsets, "width": width, "top_k": top_k}))
+    meta.rename(folder / "features.json")
     return FeatureStore(folder)

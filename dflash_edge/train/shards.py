@@ -48,15 +48,9 @@ def file_sha256(path: Path) -> str:
 
 def machine() -> dict:
     """What ran the regeneration: the replies of an fp32 CPU and a bf16 GPU can differ in a few tokens."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version()}
+    from ..machine import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version()}
 
 
 def _write_atomic(path: Path, write) -> None:

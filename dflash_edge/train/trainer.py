@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..export.drafter import DFlashDrafter, save_drafter
 from .features import FeatureStore
 from .objective import dflash_loss, sample_anchors
@@ -134,7 +135,16 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
     step, history, metrics = 0, [], {}
     state_path = work / "state.pt"
     if state_path.is_file():
-        state = torch.load(state_path, map_location=cfg.device, weights_only=False)
+        # weights_only: a state.pt is data; a planted pickle must not run code.
+        try:
+            state = torch.load(state_path, map_location=cfg.device, weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError or RuntimeError for foreign or broken files
+            raise UserError(f"{state_path} is not a training state this dflash-train wrote ({type(e).__name__}); "
+                            f"remove it or pass another --work") from None
+        mine = drafter.state_dict()
+        if set(state["model"]) != set(mine) or any(v.shape != mine[k].shape for k, v in state["model"].items()):
+            raise UserError(f"{state_path} holds the training state of a differently shaped drafter; remove it or "
+                            f"pass another --work")
         drafter.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
@@ -209,11 +219,31 @@ def save_state(drafter, opt, step, history, rng, work: Path) -> None:
     tmp.rename(work / "state.pt")
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A drafter checkpoint folder: its config.json says DFlash and nothing but checkpoint files are in it."""
+    allowed = {"config.json", "training_report.json", "draft_vocab.json", "README.md"}
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        files = list(folder.iterdir())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and "dflash_config" in config
+            and all(f.is_file() and (f.name in allowed or f.suffix == ".safetensors") for f in files))
+
+
 def write_checkpoint(drafter: DFlashDrafter, output: Path) -> None:
-    """The z-lab checkpoint (bf16 safetensors + config.json), written atomically."""
+    """The z-lab checkpoint (bf16 safetensors + config.json), written atomically: a checkpoint already at
+    `output` is renamed aside, the new one renamed in, and only then the old one deleted."""
+    import shutil
+
     tmp = output.parent / f".{output.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     save_drafter(drafter, tmp, dtype=torch.bfloat16)
     if output.exists():
-        import shutil
-        shutil.rmtree(output)
-    tmp.rename(output)
+        old = output.parent / f".{output.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(output)
