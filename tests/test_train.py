@@ -218,7 +218,7 @@ def test_training_resumes_from_its_state(trained, tiny_llama):
     cmd = [sys.executable, "-m", "dflash_edge.train.cli", "--target", str(tiny_llama[0]), "--data",
            str(root / "prompts.jsonl"), "--output", str(root / "drafter2"), "--work", str(root / "drafter.work"),
            "--steps", "70", "--anchors", "16", "--batch", "1", "--block-size", "8", "--mask-token-id", "3",
-           "--draft-vocab", "20"]
+           "--draft-vocab", "20", "--max-new-tokens", "40"]  # the cache's inputs, so it serves again
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cached sequences" in out.stdout and "cached features" in out.stdout
