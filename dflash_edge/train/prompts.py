@@ -215,13 +215,13 @@ def clean(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
     seen, out = set(), []
     try:
         contaminated("")
-        check = contaminated
+        checked = True
     except UserError as e:
         print(f"note: {e}; prompts are not checked against the evaluation sets", file=sys.stderr)
-        check = lambda text: False  # noqa: E731
+        checked = False
     for source, prompt in rows:
         key = " ".join(prompt.split())
-        if key not in seen and not check(prompt):
+        if key not in seen and not (checked and contaminated(prompt)):
             seen.add(key)
             out.append((source, prompt))
     return out
