@@ -29,7 +29,7 @@ def test_shards_round_trip_and_a_new_writer_continues_the_folder(tmp_path):
     assert [e["sequences"] for e in manifest["shards"]] == [4, 1, 1]
     assert manifest["shards"][0]["sources"] == {"chat": 2, "code": 2}
     assert manifest["shards"][2]["command"] == "again" and "machine" in manifest["shards"][2]
-    shards, _ = read_shards([tmp_path])
+    shards = read_shards([tmp_path])
     got = [s.sequence(i) for s in shards for i in range(len(s))]
     want = [(p + r, len(p)) for rows in (_rows(2), _rows(2, 2), _rows(1, 4), _rows(1, 5))
             for _, p, r, _ in rows]
@@ -42,7 +42,7 @@ def test_shards_round_trip_and_a_new_writer_continues_the_folder(tmp_path):
 
 def test_large_vocabularies_take_32_bit_ids(tmp_path):
     ShardWriter(tmp_path, {}, vocab_size=151_936).append([(1, [70_000], [150_000, 2], "x")])
-    shards, _ = read_shards([tmp_path])
+    shards = read_shards([tmp_path])
     assert shards[0].tokens.dtype == np.uint32 and shards[0].sequence(0) == ([70_000, 150_000, 2], 1)
 
 
@@ -55,9 +55,9 @@ def test_an_interrupted_append_leaves_the_folder_as_it_was(tmp_path):
     (tmp_path / "shard-00001.npz").write_bytes(b"half")
     (tmp_path / "shard-00000.npz.tmp").write_bytes(b"half")
     assert (tmp_path / MANIFEST).read_text() == before
-    assert len(read_shards([tmp_path])[0]) == 1
+    assert len(read_shards([tmp_path])) == 1
     ShardWriter(tmp_path, {}, vocab_size=1000).append(_rows(1, start=9))
-    assert [len(s) for s in read_shards([tmp_path])[0]] == [2, 1]
+    assert [len(s) for s in read_shards([tmp_path])] == [2, 1]
 
 
 def test_damaged_or_foreign_shards_are_refused_in_one_line(tmp_path):
@@ -124,7 +124,7 @@ def test_regenerated_replies_are_the_targets_greedy_replies(regenerated, tiny_ll
     prompts = [json.loads(line)["prompt"] for line in (root / "prompts.jsonl").read_text().splitlines()]
     templated = {tuple(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
                  for p in prompts}
-    shards, _ = read_shards([root / "shards"])
+    shards = read_shards([root / "shards"])
     checked = 0
     for shard in shards:
         for i in range(len(shard)):

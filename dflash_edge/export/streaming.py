@@ -208,12 +208,3 @@ def export_target_streamed(config, folder: Path, tap_layer_ids: list[int], qk_no
     inputs, outputs = trace.target_io_names(config.num_hidden_layers)
     return {"inputs": inputs, "outputs": outputs}
 
-
-def read_config(folder: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(folder)
-    except Exception as e:
-        raise UserError(f"cannot read the model config of {folder}: {e}") from None
-

@@ -112,6 +112,34 @@ def regenerate(target, prompts: list[list[int]], max_new_tokens: int, batch_size
     return [s for s in out if s is not None]
 
 
+@dataclass
+class FrozenTarget:
+    """The target as regeneration and self-queries run it: its HF parts, the frozen module (fused
+    attention, never exported), its end-of-turn ids and chat-template options."""
+    source: object
+    hf: object
+    tokenizer: object
+    family: str
+    module: object
+    stops: set
+    template_kwargs: dict
+
+
+def load_frozen_target(name: str, device: str = "cpu") -> FrozenTarget:
+    from ..export.drafter import default_tap_layer_ids
+    from ..export.modeling import load_target_from_hf
+    from ..export.pipeline import derive_chat, stop_ids
+    from ..export.sources import load_hf, resolve_model
+
+    source = resolve_model(name)
+    hf, tokenizer, family = load_hf(source)
+    module = load_target_from_hf(hf, default_tap_layer_ids(hf.config.num_hidden_layers),
+                                 qk_norm=family == "qwen3").to(device).fuse_attention()
+    stops = set(stop_ids(hf, tokenizer, derive_chat(tokenizer, family, print)))
+    return FrozenTarget(source, hf, tokenizer, family, module, stops,
+                        {"enable_thinking": False} if family == "qwen3" else {})
+
+
 def chat_prompts(tokenizer, conversations: list[list[dict]], template_kwargs: dict) -> list[list[int]]:
     out = []
     for c in conversations:
@@ -147,7 +175,7 @@ def shard_sequences(folders: list[Path], vocab_size: int, max_tokens: int | None
 
     from .shards import read_shards
 
-    shards, _ = read_shards(folders, vocab_size)
+    shards = read_shards(folders, vocab_size)
     where = [(s, i) for s in shards for i in range(len(s))]
     if max_tokens is not None:
         random.Random(seed).shuffle(where)

@@ -95,22 +95,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this torch sees no CUDA device")
-    from ..export.drafter import default_tap_layer_ids
-    from ..export.modeling import load_target_from_hf
-    from ..export.pipeline import derive_chat, stop_ids
-    from ..export.sources import load_hf, resolve_model
     from .cli import to_bf16
-    from .data import chat_prompts
+    from .data import chat_prompts, load_frozen_target
     from .generate import greedy_batch
 
-    source = resolve_model(args.target)
-    hf, tokenizer, family = load_hf(source)
-    template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
-    target = load_target_from_hf(hf, default_tap_layer_ids(hf.config.num_hidden_layers),
-                                 qk_norm=family == "qwen3").to(args.device).fuse_attention()
+    frozen = load_frozen_target(args.target, args.device)
+    source, tokenizer, target, stops = frozen.source, frozen.tokenizer, frozen.module, frozen.stops
+    template_kwargs = frozen.template_kwargs
     if args.precision == "bf16":
         to_bf16(target)
-    stops = set(stop_ids(hf, tokenizer, derive_chat(tokenizer, family, print)))
     writer = ShardWriter(output, {
         "command": "python -m dflash_edge.train.regenerate " + " ".join(argv if argv is not None else sys.argv[1:]),
         "target": target_info(args.target, source),
@@ -118,7 +111,7 @@ def main(argv=None) -> int:
         "generation": {"greedy": True, "max_new_tokens": args.max_new_tokens, "precision": args.precision,
                        "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "chat_template": True, "stops": sorted(stops)},
-    }, vocab_size=hf.config.vocab_size, shard_sequences=args.shard_sequences)
+    }, vocab_size=frozen.hf.config.vocab_size, shard_sequences=args.shard_sequences)
 
     t0, made, answered = time.perf_counter(), 0, 0
     chunk = args.batch * 8

@@ -79,7 +79,7 @@ def first_turns_with_replies(follow_up: Path, shards: Path, tokenizer, stops: se
     from .shards import conversation_id, read_shards
 
     answered = {}
-    for shard in read_shards([shards])[0]:
+    for shard in read_shards([shards]):
         for i, cid in enumerate(shard.prompt_ids.tolist()):
             tokens, prompt_len = shard.sequence(i)
             answered[cid] = tokens[prompt_len:]
@@ -122,12 +122,14 @@ def main(argv=None) -> int:
     rows = read_rows(output)
     from .data import conversation
 
-    seen = {normalized(m["content"]) for r in rows for m in (conversation(r) or []) if m["role"] == "user"}
+    def user_turns(rows_of_a_file: list[dict]) -> set[str]:
+        return {normalized(m["content"]) for r in rows_of_a_file for m in (conversation(r) or []) if m["role"] == "user"}
+
+    seen = user_turns(rows)
     for path in map(Path, args.exclude):
         if not path.is_file():
             raise UserError(f"--exclude {path} is not a file")
-        seen |= {normalized(m["content"]) for r in read_rows(path) for m in (conversation(r) or [])
-                 if m["role"] == "user"}
+        seen |= user_turns(read_rows(path))
     if len(rows) >= args.count:
         print(f"{output} already holds {len(rows)} rows")
         return 0
@@ -136,18 +138,11 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..export.drafter import default_tap_layer_ids
-    from ..export.modeling import load_target_from_hf
-    from ..export.pipeline import derive_chat, stop_ids
-    from ..export.sources import load_hf, resolve_model
+    from .data import load_frozen_target
     from .generate import greedy_batch
 
-    source = resolve_model(args.target)
-    hf, tokenizer, family = load_hf(source)
-    template_kwargs = {"enable_thinking": False} if family == "qwen3" else {}
-    target = load_target_from_hf(hf, default_tap_layer_ids(hf.config.num_hidden_layers),
-                                 qk_norm=family == "qwen3").fuse_attention()
-    stops = set(stop_ids(hf, tokenizer, derive_chat(tokenizer, family, print)))
+    frozen = load_frozen_target(args.target)
+    tokenizer, target, stops, template_kwargs = frozen.tokenizer, frozen.module, frozen.stops, frozen.template_kwargs
     special = set(tokenizer.all_special_ids)
 
     histories: list[list[dict]] = [[]]

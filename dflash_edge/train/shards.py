@@ -108,9 +108,9 @@ def _load_shard(folder: Path, entry: dict) -> ShardData:
     return data
 
 
-def read_shards(folders: list[Path], vocab_size: int | None = None) -> tuple[list[ShardData], list[dict]]:
-    """Every shard listed in the folders' manifests, checked; returns the shards and their manifest entries."""
-    shards, entries = [], []
+def read_shards(folders: list[Path], vocab_size: int | None = None) -> list[ShardData]:
+    """Every shard listed in the folders' manifests, checked."""
+    shards = []
     for folder in folders:
         for entry in read_manifest(folder)["shards"]:
             data = _load_shard(folder, entry)
@@ -118,8 +118,7 @@ def read_shards(folders: list[Path], vocab_size: int | None = None) -> tuple[lis
                 raise UserError(f"{folder / entry['file']} holds token ids beyond the target's vocab ({vocab_size}): "
                                 f"written for another target ({entry.get('target', {}).get('name', '?')})")
             shards.append(data)
-            entries.append(entry)
-    return shards, entries
+    return shards
 
 
 def shard_entries(folders: list[Path]) -> list[dict]:
@@ -131,7 +130,7 @@ def answered_ids(folder: Path) -> set[int]:
     """Conversation ids already in the folder's shards (empty for a new folder)."""
     if not (folder / MANIFEST).is_file():
         return set()
-    shards, _ = read_shards([folder])
+    shards = read_shards([folder])
     return {int(i) for s in shards for i in s.prompt_ids}
 
 
