@@ -5,7 +5,7 @@ Torch-free on purpose: the runtime imports it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .errors import UserError
 
@@ -53,18 +53,75 @@ def read_manifest(folder: str | Path) -> dict:
     for key in ("target", "tokenizer", "stop_token_ids"):
         if key not in manifest:
             raise UserError(f"{path} lacks '{key}'; export the model again")
+    if not isinstance(manifest["target"], dict):
+        raise UserError(f"{path}: 'target' must be an object; export the model again")
+    shared = manifest.get("shared_weights")
+    if shared is not None and not (isinstance(shared, dict) and isinstance(shared.get("tensors"), dict)):
+        raise UserError(f"{path}: 'shared_weights' must be an object with a file and its tensors; export again")
+    drafter = manifest.get("drafter")
+    check_drafter(path, drafter)
     for name in graph_files(manifest):
-        if not (folder / name).is_file():
+        if not inside(folder, name, path).is_file():
             raise UserError(f"{folder} lacks {name} (an interrupted copy?); export the model again")
+    if drafter and "config" in drafter:  # drafter/config.json documents the drafter; optional, but kept inside
+        inside(folder, drafter["config"], path)
     return manifest
 
 
-def graph_files(manifest: dict) -> list[str]:
-    files = [manifest["target"]["graph"], manifest["tokenizer"]]
+def inside(folder: Path, name, manifest_path: Path | None = None) -> Path:
+    """folder / name, refused unless it stays inside folder.
+
+    A downloaded export is untrusted: a name like "../../.ssh/id_rsa", "/etc/passwd" or a symlink out of
+    the folder would otherwise load any file the user can read into a graph, whose output becomes text."""
+    where = manifest_path or folder / MANIFEST_NAME
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where} names a file as {name!r}, not a file name; export the model again")
+    # Both spellings: on Windows "C:\\x" and "\\x" are absolute, and either separator can hide a "..".
+    parts = set(PurePosixPath(name).parts) | set(PureWindowsPath(name).parts)
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor or ".." in parts:
+        raise UserError(f"{where} names {name!r}, outside its folder; refusing to load it")
+    try:
+        root = folder.resolve()
+        target = (folder / name).resolve()  # follows symlinks, so a link pointing out is caught here
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL in the name, a symlink loop
+        raise UserError(f"{where} names {name!r}, which cannot be resolved ({e}); export the model again") from None
+    if not target.is_relative_to(root):
+        raise UserError(f"{where} names {name!r}, a link to a file outside its folder; refusing to load it")
+    return target
+
+
+def _count(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_drafter(where: Path, drafter) -> None:
+    """The manifest's drafter entry, checked field by field so that a bad one is one line, not a traceback."""
+    if drafter is None:
+        return
+    if not isinstance(drafter, dict):
+        raise UserError(f"{where}: 'drafter' must be an object; export the model again")
+    for key, low in (("block_size", 1), ("mask_token_id", 0), ("num_layers", 1), ("num_kv_heads", 1),
+                     ("head_dim", 1)):
+        if not _count(drafter.get(key), low):
+            raise UserError(f"{where}: drafter.{key} must be an integer >= {low}, got {drafter.get(key)!r}; "
+                            f"export the model again")
+    if "draft_vocab_size" in drafter and not _count(drafter["draft_vocab_size"], 1):
+        raise UserError(f"{where}: drafter.draft_vocab_size must be an integer >= 1; export the model again")
+    io = drafter.get("io")
+    ok = isinstance(io, dict) and isinstance(io.get("context"), dict) and all(
+        isinstance(io["context"].get(k), list) and all(isinstance(n, str) for n in io["context"][k])
+        for k in ("inputs", "outputs"))
+    if not ok:
+        raise UserError(f"{where}: drafter.io.context must list its input and output names; export the model again")
+
+
+def graph_files(manifest: dict) -> list:
+    # .get: a missing name reaches inside() as None and is refused there in one line.
+    files = [manifest["target"].get("graph"), manifest["tokenizer"]]
     shared = manifest.get("shared_weights")
     if shared:
-        files.append(shared["file"])
+        files.append(shared.get("file"))
     drafter = manifest.get("drafter")
     if drafter:
-        files += [drafter["context_graph"], drafter["block_graph"]]
+        files += [drafter.get("context_graph"), drafter.get("block_graph")]
     return files

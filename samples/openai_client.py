@@ -4,6 +4,7 @@
     python samples/openai_client.py "Why is the sky blue?"
 """
 import argparse
+import os
 
 from openai import OpenAI
 
@@ -14,7 +15,8 @@ def main() -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--max-tokens", type=int, default=200)
     args = p.parse_args()
-    client = OpenAI(base_url=args.base_url, api_key="not-needed")  # dflash-serve checks no key
+    # dflash-serve checks a key only when started with --api-key (or DFLASH_API_KEY); pass the same one here.
+    client = OpenAI(base_url=args.base_url, api_key=os.environ.get("DFLASH_API_KEY", "not-needed"))
     model = client.models.list().data[0].id
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": args.prompt}],
                                             max_tokens=args.max_tokens, stream=True,

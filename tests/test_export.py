@@ -236,7 +236,9 @@ def test_quantized_target_is_lossless_against_its_own_plain_decoding(tmp_path, t
     if kind == "int8-tokens":  # the LM head too is an int8 product
         assert "Gemm" not in ops
     validation = manifest["export"]["validation"]
-    assert validation["target (fp32):logits"]["ok"]  # the trace, before quantizing
+    # The trace, before quantizing: whole when traced with its weights (int8-tokens), else on the first layers
+    # of the streamed export.
+    assert validation["target (fp32):logits" if kind == "int8-tokens" else "first 2 layers (fp32):logits"]["ok"]
     assert validation[f"target ({kind}):rows = one at a time"]["ok"]
     model = ExportedModel(out)
     model.stop_token_ids = set()
@@ -398,19 +400,23 @@ def test_an_export_killed_at_any_step_leaves_no_folder_a_runtime_accepts(tmp_pat
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dflash_edge.export.cli", "--model", str(hf_dir), "--drafter", str(drafter_dir),
            "--output", str(out)]
-    for step in range(1, 7):  # kill it as it starts step 1, 2, ... 6 of 6
+    step, total = 1, None
+    while total is None or step <= total:  # kill it as it starts step 1, 2, ... of all of them
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in proc.stdout:
-            if line.startswith(f"[{step}/6]"):
+            if line.startswith(f"[{step}/"):
+                total = int(line.split("/", 1)[1].split("]", 1)[0])
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait()
+        assert total is not None, "the export printed no steps"
         if out.exists():
-            # Step 6 takes milliseconds: the kill may land after the rename, and then the folder is whole.
-            assert step == 6 and read_manifest(out) and ExportedModel(out).has_drafter
+            # The last step takes milliseconds: the kill may land after the rename, and then the folder is whole.
+            assert step == total and read_manifest(out) and ExportedModel(out).has_drafter
             shutil.rmtree(out)
         else:
             assert proc.returncode == -signal.SIGKILL, f"the export finished before step {step}"
+        step += 1
         for left in tmp_path.iterdir():
             with pytest.raises(UserError):
                 read_manifest(left)

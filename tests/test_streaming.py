@@ -50,6 +50,7 @@ def test_streamed_target_equals_the_traced_one(arch, exact_rows, tmp_path):
     io = export_target_streamed(config, folder, taps, arch == "qwen3", torch.float32,
                                 tmp_path / "streamed" / "target.onnx", exact_rows=exact_rows,
                                 progress=lambda done, total: seen.append((done, total)))
+    assert io.pop("quantized") == 0
     assert io == dict(zip(("inputs", "outputs"), trace.target_io_names(config.num_hidden_layers)))
     assert seen[-1][0] == seen[-1][1] and len(seen) == seen[-1][1]
     graphs = {k: onnx.load(str(tmp_path / k / "target.onnx"), load_external_data=False) for k in ("traced", "streamed")}

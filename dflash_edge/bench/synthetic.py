@@ -18,13 +18,17 @@ CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def make_tokenizer():
+def make_tokenizer(vocab_size: int | None = None):
+    """A word-level tokenizer with a ChatML template; vocab_size pads it with made-up words (w0, w1, ...)
+    to a real model's vocabulary size."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
     pieces = ["\n", " "] + WORDS + [chr(c) for c in range(33, 127)]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + pieces))}
+    for i in range((vocab_size or 0) - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|\s|[^\w\s]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -87,6 +91,75 @@ def save_random_drafter(folder: Path, target_folder: Path, block_size: int = 16,
     drafter = random_drafter(config_for_target(cfg, num_layers=layers, block_size=block_size,
                                                mask_token_id=mask), seed=seed, std=std)
     save_drafter(drafter, folder, dtype=dtype)
+    return folder
+
+
+def write_checkpoint(folder: Path, shape: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                     shard_bytes: int = 4 * 1024**3, std: float = 0.02) -> Path:
+    """A random Llama checkpoint of any size, written tensor by tensor (never more than one in memory):
+    config.json, sharded *.safetensors with their index, and a tokenizer of the shape's vocabulary.
+    shape: LlamaConfig fields (vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads...)."""
+    import json
+
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(shape["vocab_size"])
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(**{"max_position_embeddings": 131072, "rope_theta": 500000.0, **shape},
+                         eos_token_id=eos, bos_token_id=1, pad_token_id=2,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    tensors = [("model.embed_tokens.weight", (v, h))]
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        tensors += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                    (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                    (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
+                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                    (p + "mlp.down_proj.weight", (h, i))]
+    tensors.append(("model.norm.weight", (h,)))
+    if not config.tie_word_embeddings:
+        tensors.append(("lm_head.weight", (v, h)))
+    size = torch.tensor([], dtype=dtype).element_size()
+    shards, current, total = [], [], 0
+    for name, dims in tensors:  # greedy shards of about shard_bytes
+        nbytes = size * int(torch.Size(dims).numel())
+        if current and sum(b for _, _, b in current) + nbytes > shard_bytes:
+            shards.append(current)
+            current = []
+        current.append((name, dims, nbytes))
+        total += nbytes
+    shards.append(current)
+    g = torch.Generator().manual_seed(seed)
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    code = next(k for k, t in names.items() if t == dtype)
+    index = {}
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, dims, nbytes in shard:
+            header[name] = {"dtype": code, "shape": list(dims), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            index[name] = file
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / file, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for name, dims, _ in shard:
+                if len(dims) == 1:  # norms near one, each layer's different
+                    t = 1 + 0.1 * torch.randn(dims, generator=g)
+                else:
+                    t = torch.randn(dims, generator=g) * std
+                f.write(t.to(dtype).view(torch.uint8).numpy().data)
+                del t
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -13,7 +13,10 @@ def parse_args(argv):
                    help="a Hugging Face folder, a .gguf file, or an alias: smollm2-135m (default, embedded), "
                         "llama3.1-8b, qwen3-4b, qwen3-8b (from the local Hugging Face cache)")
     p.add_argument("--output", default=None, help="folder to write (default: exports/<model>)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="default fp32 (or the --device preset's)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default fp32 (or the --device preset's). ONNX Runtime's CPU provider runs fp32 (and "
+                        "int8-tokens or int4 weights) fast; fp16 and bf16 are for CUDA and TensorRT (bf16 "
+                        "streams from a safetensors folder and is validated through its fp32 twin)")
     p.add_argument("--layers", default=None,
                    help="tap layer ids, comma-separated (default: the drafter's, else z-lab's rule)")
     p.add_argument("--drafter", default=None,
@@ -33,6 +36,10 @@ def parse_args(argv):
     p.add_argument("--device", choices=["jetson-orin"], default=None,
                    help="a preset: jetson-orin = --variant tensorrt, fp16, int4 weights for targets over "
                         "2B parameters (explicit options win)")
+    p.add_argument("--validate", choices=["auto", "full", "layers"], default="auto",
+                   help="full: the whole model against PyTorch, in memory (about 12 bytes a parameter); layers: "
+                        "its first layers against PyTorch and the whole graph's structure (streamed exports); "
+                        "auto (default): full up to 400M parameters")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -48,7 +55,7 @@ def main(argv=None) -> int:
         drafter = "" if args.no_drafter else args.drafter
         out = export(args.model, args.output, args.dtype, args.layers, drafter, args.force,
                      draft_vocab=args.draft_vocab, quantize=args.quantize, variant=args.variant,
-                     device=args.device)
+                     device=args.device, validate=args.validate)
     except ValidationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

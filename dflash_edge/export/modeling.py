@@ -69,6 +69,14 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float().clone(), persistent=False)
         self.attention_scaling = float(attention_scaling)
 
+    def _apply(self, fn, recurse=True):
+        # module.to(fp16) moves the frequencies to another device but keeps them fp32: rounded to fp16
+        # (5e-4 relative) they put position 1,000 half a radian off.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         # position_ids: [b, s] -> cos, sin: [b, 1, s, head_dim]
         freqs = position_ids.float()[..., None] * self.inv_freq

@@ -5,9 +5,12 @@ manifest is written, so an interrupted export never leaves a folder a runtime wo
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,12 +20,22 @@ from ..errors import UserError
 from ..manifest import write_manifest
 from .devices import apply_preset
 from .drafter import DRAFT_VOCAB_FILE, DFlashDrafter, default_tap_layer_ids, load_drafter, read_draft_vocab
-from .modeling import load_target_from_hf
+from .budget import Shape, check_fits, estimate
+from .modeling import DecoderSpec, load_target_from_hf
 from .quantize import QUANTIZE, ROUNDS_ACTIVATIONS
-from .sources import load_hf, resolve_drafter, resolve_model
+from .sources import load_hf, read_hf, resolve_drafter, resolve_model, streams
+from .validate import validate_target
+from .validate_layers import FIRST_LAYERS, check_first_layers, check_structure
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
+# ONNX Runtime's CPU provider has no bf16 kernels: a bf16 graph is for CUDA and TensorRT, and is checked here
+# through the same trace at fp32.
+RUNS_ON_CPU = ("fp32", "fp16")
+# Streamed exports of targets up to this size are validated whole, in memory (about 12 bytes a parameter);
+# larger ones on their first layers (validate_layers.py). --validate overrides.
+FULL_VALIDATION_MAX_PARAMS = 400e6
+VALIDATIONS = ("auto", "full", "layers")
 # A quantized graph against the fp32 module is reported, not judged: on random inputs the rounding error
 # says little (SmolLM2 int4: 80-150 % of the largest output, yet fluent replies), so only a non-finite
 # output fails. The trace itself is checked at fp32 before quantizing.
@@ -86,13 +99,15 @@ def check_fit(drafter: DFlashDrafter, config, tap_ids: list[int]) -> None:
         raise UserError("the drafter does not fit this target: " + "; ".join(problems))
 
 
-def stop_ids(hf_model, tokenizer, chat: dict | None) -> list[int]:
+def stop_ids(hf_model, tokenizer, chat: dict | None, generation=None) -> list[int]:
     """The model's end-of-turn ids: generation config eos, plus the token closing an assistant turn.
+    hf_model: a transformers model, or its config when `generation` (its generation config) is given.
 
     The tokenizer's own eos is not trusted: SmolLM2's GGUF reports <|im_start|> there.
     """
     ids = set()
-    for cfg in (hf_model.generation_config, hf_model.config):
+    configs = (generation, hf_model) if generation is not None else (hf_model.generation_config, hf_model.config)
+    for cfg in configs:
         eos = getattr(cfg, "eos_token_id", None)
         if eos is not None:
             ids.update([eos] if isinstance(eos, int) else eos)
@@ -119,9 +134,13 @@ def derive_chat(tokenizer, family: str, log) -> dict | None:
         return None
 
 
-def check_options(dtype: str, variant: str, quantize: str | None) -> None:
+def check_options(dtype: str, variant: str, quantize: str | None, validate: str = "auto") -> None:
     if dtype not in DTYPES:
-        raise UserError(f"--dtype must be fp32 or fp16, got {dtype!r}")
+        raise UserError(f"--dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    if validate not in VALIDATIONS:
+        raise UserError(f"--validate must be one of {', '.join(VALIDATIONS)}, got {validate!r}")
+    if quantize and dtype == "bf16":
+        raise UserError("--quantize starts from fp32 (ONNX Runtime) or fp16 (TensorRT) weights; drop --dtype bf16")
     if variant not in VARIANTS:
         raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if quantize is not None and quantize not in QUANTIZE:
@@ -135,12 +154,15 @@ def check_options(dtype: str, variant: str, quantize: str | None) -> None:
 
 def export(model: str, output: str | None, dtype: str | None = None, layers: str | None = None,
            drafter: str | None = None, force: bool = False, log=print, draft_vocab: int | None = None,
-           quantize: str | None = None, variant: str | None = None, device: str | None = None) -> Path:
+           quantize: str | None = None, variant: str | None = None, device: str | None = None,
+           validate: str = "auto") -> Path:
     """draft_vocab: rows of the LM head the drafter scores: None = its draft_vocab.json if it has one,
     0 = the whole head, N = the N most frequent of its draft_vocab.json. quantize: int8, int8-tokens or
     int4 weights in the target graph (export/quantize.py). variant: one of VARIANTS (default ort). device:
-    a preset (export/devices.py) that fills in dtype, variant and quantize where they are not given."""
-    check_options(*apply_preset(device, dtype, variant, quantize, target_params=0)[:3])  # before loading
+    a preset (export/devices.py) that fills in dtype, variant and quantize where they are not given.
+    validate: auto, full (the whole model against PyTorch, in memory) or layers (the first layers,
+    validate_layers.py); auto is full up to FULL_VALIDATION_MAX_PARAMS."""
+    check_options(*apply_preset(device, dtype, variant, quantize, target_params=0)[:3], validate)  # before loading
     source = resolve_model(model)
     if drafter is None and source.shipped_drafter is not None:
         drafter = str(source.shipped_drafter)
@@ -160,15 +182,29 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write to {out.parent}")
 
-    steps = Progress(6 if drafter_model else 5, log)
-    steps("loading the target with transformers")
-    hf_model, tokenizer, family = load_hf(source, log)
-    config = hf_model.config
-    dtype, variant, quantize, note = apply_preset(device, dtype, variant, quantize,
-                                                  target_params=sum(p.numel() for p in hf_model.parameters()))
-    check_options(dtype, variant, quantize)
+    config, tokenizer, family, generation = read_hf(source, log)
+    shape = Shape.of(config)
+    dtype, variant, quantize, note = apply_preset(device, dtype, variant, quantize, target_params=shape.params())
+    check_options(dtype, variant, quantize, validate)
     if note:
         log(f"      {note}")
+    # int8-tokens moves activation outliers into the weights from a calibration run of the whole model.
+    streamed = streams(source) and quantize != "int8-tokens"
+    if not streamed and dtype == "bf16":
+        raise UserError("--dtype bf16 streams the weights from a safetensors folder; "
+                        f"{source.describe()} is not one" + (" (int8-tokens loads the whole model)" if quantize else ""))
+    if validate == "auto":
+        validate = "full" if not streamed or shape.params() <= FULL_VALIDATION_MAX_PARAMS else "layers"
+    elif validate == "layers" and not streamed:
+        raise UserError("--validate layers needs a streamed export (a safetensors folder, not int8-tokens)")
+    if dtype not in RUNS_ON_CPU:
+        validate = "layers"
+        log(f"      note: {dtype} graphs run on CUDA and TensorRT; ONNX Runtime's CPU provider has no {dtype} "
+            f"kernels (fp32, int8-tokens and int4 run fast there), so the trace is validated at fp32")
+    drafter_params = sum(p.numel() for p in drafter_model.parameters()) if drafter_model else 0
+    need = estimate(shape, dtype, quantize, streamed, FIRST_LAYERS if validate == "layers" else 0, drafter_params)
+    check_fits(need, out, "--quantize int4 or a safetensors folder (streamed) lowers it" if not streamed else
+               "--validate layers lowers it" if validate == "full" else "export on a machine with more memory")
     if tap_ids is None:
         tap_ids = drafter_model.config.target_layer_ids if drafter_model else default_tap_layer_ids(
             config.num_hidden_layers)
@@ -180,15 +216,17 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
         check_fit(drafter_model, config, tap_ids)
         vocab_ids = pick_draft_vocab(drafter_path, config.vocab_size, draft_vocab, log)
     chat = derive_chat(tokenizer, family, log)
-    stops = stop_ids(hf_model, tokenizer, chat)
+    stops = stop_ids(config, tokenizer, chat, generation)
 
     remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    steps = Progress((4 if streamed else 5) + (1 if drafter_model else 0), log)
     try:
-        manifest = _build(tmp, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model,
-                          chat, stops, steps, log, vocab_ids, quantize, variant)
+        options = Options(dtype, quantize, variant, validate, streamed, tap_ids, vocab_ids)
+        manifest = _build(tmp, source, config, tokenizer, generation, family, drafter_model, chat, stops, options,
+                          steps, log)
         steps.finish()
         write_manifest(tmp, manifest)
         if out.exists():
@@ -198,6 +236,11 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"the disk under {out.parent} filled up during the export (it needs about "
+                            f"{need.disk / 1e9:.1f} GB); nothing was written") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -231,51 +274,39 @@ def pick_draft_vocab(drafter_path: Path, vocab_size: int, wanted: int | None, lo
     return ids
 
 
-def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, drafter_model, chat, stops,
-           steps, log, vocab_ids: list[int] | None = None, quantize: str | None = None,
-           variant: str = "ort") -> dict:
+@dataclass
+class Options:
+    dtype: str
+    quantize: str | None
+    variant: str
+    validate: str             # full or layers
+    streamed: bool
+    tap_ids: list[int]
+    vocab_ids: list[int] | None
+
+
+def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafter_model, chat, stops,
+           o: Options, steps, log) -> dict:
     from . import trace
     from .shared import share_weights
-    from .validate import Report, check_module, check_standard_ops, validate_drafter, validate_target
+    from .validate import Report, check_standard_ops, validate_drafter
 
-    config = hf_model.config
-    report = Report(TOLERANCE[dtype])
-    target = load_target_from_hf(hf_model, tap_ids, qk_norm=(family == "qwen3"))
-    check_module(target, hf_model, report)
-    target = target.to(DTYPES[dtype])
-    if quantize == "int8-tokens":
-        from .smoothing import ALPHA, calibration_texts, input_peaks, smooth
-
-        texts = calibration_texts(tokenizer)
-        smooth(target, input_peaks(hf_model, tokenizer, texts))
-        log(f"      moved activation outliers into the weights for int8-tokens (alpha {ALPHA}, {len(texts)} "
-            f"calibration texts)")
-
-    steps(f"tracing target.onnx ({config.num_hidden_layers} layers, {dtype}, taps {tap_ids})")
-    # int8 kinds round activations, so a verify's rows must equal single steps exactly.
-    target_io = trace.export_target(target, tmp / "target.onnx", exact_rows=quantize in ROUNDS_ACTIVATIONS)
-    if quantize:
-        # Check the trace itself at full precision first; the quantized graph is then held to its own bound.
-        validate_target(tmp, {"target": {"graph": "target.onnx", **target_io}}, target, report,
-                        label=f"target ({dtype})")
-        from .quantize import quantize_target
-        n = quantize_target(tmp / "target.onnx", quantize, standard_ops=variant == "tensorrt")
-        if quantize == "int8-tokens":
-            how = "per-token int8 MatMulInteger, LM head included; embedding and attention stay"
-        else:
-            how = ("block-quantized DequantizeLinear" if variant == "tensorrt" else "MatMulNBits") + \
-                "; embedding, LM head and attention stay"
-        log(f"      quantized {n} weight products to {quantize} ({how} {dtype})")
+    report = Report(TOLERANCE[o.dtype])
+    if o.streamed:
+        target_io, target = _stream_target(tmp, source, config, family, o, report, steps, log)
+        embed, head, tied = _vocab_matrices(source, config, target, DTYPES[o.dtype])
+    else:
+        target_io, target = _trace_target(tmp, source, config, tokenizer, family, o, report, steps, log)
+        embed, head, tied = target.embed_tokens.weight, target.head_weight(), target.tie_word_embeddings
     graphs = ["target.onnx"]
-    shared_names = ["embed_tokens.weight"] + ([] if target.tie_word_embeddings else ["lm_head.weight"])
+    shared_names = ["embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
     drafter_entry = None
     if drafter_model:
         c = drafter_model.config
         steps(f"tracing the drafter ({c.num_hidden_layers} layers, block {c.block_size})")
-        drafter_model = drafter_model.to(DTYPES[dtype])
-        embed, head = target.embed_tokens.weight, target.head_weight()
-        io = trace.export_drafter(drafter_model, embed, head, target.tie_word_embeddings,
-                                  tmp / "drafter_context.onnx", tmp / "drafter_block.onnx", vocab_ids)
+        drafter_model = drafter_model.to(DTYPES[o.dtype])
+        io = trace.export_drafter(drafter_model, embed, head, tied, tmp / "drafter_context.onnx",
+                                  tmp / "drafter_block.onnx", o.vocab_ids)
         graphs.append("drafter_block.onnx")
         drafter_entry = {
             "block_size": c.block_size, "mask_token_id": c.mask_token_id,
@@ -283,10 +314,9 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
             "num_kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
             "context_graph": "drafter_context.onnx", "block_graph": "drafter_block.onnx",
             "io": io, "config": "drafter/config.json",
-            "draft_vocab_size": len(vocab_ids) if vocab_ids else config.vocab_size,
+            "draft_vocab_size": len(o.vocab_ids) if o.vocab_ids else config.vocab_size,
         }
         (tmp / "drafter").mkdir()
-        import json
         (tmp / "drafter" / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
 
     steps("sharing the embedding and LM head between graphs")
@@ -295,15 +325,16 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     # shared, memory-mapped one (SmolLM2 on 2 AVX2 cores, side by side in both orders).
     shared = share_weights(tmp, graphs, shared_names) if drafter_model else None
 
+    spec = DecoderSpec.from_hf_config(config, qk_norm=family == "qwen3")
     manifest = {
         "target": {
             "architecture": family, "source": source.describe(), "hub_repo": source.hub_repo,
-            "dtype": dtype, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "num_layers": config.num_hidden_layers, "num_kv_heads": target.spec.num_kv_heads,
-            "head_dim": target.spec.head_dim, "max_context": int(config.max_position_embeddings),
-            "tap_layer_ids": tap_ids, "graph": "target.onnx", "quantization": quantize, **target_io,
+            "dtype": o.dtype, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "num_layers": config.num_hidden_layers, "num_kv_heads": spec.num_kv_heads,
+            "head_dim": spec.head_dim, "max_context": int(config.max_position_embeddings),
+            "tap_layer_ids": o.tap_ids, "graph": "target.onnx", "quantization": o.quantize, **target_io,
         },
-        "variant": variant,
+        "variant": o.variant,
         "shared_weights": shared,
         "drafter": drafter_entry,
         "tokenizer": "tokenizer.json",
@@ -311,17 +342,27 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
         "stop_token_ids": stops,
     }
 
-    steps("validating the graphs against PyTorch (random inputs)")
     rows = drafter_model.config.block_size if drafter_model else 16  # the largest verify the runtime runs
-    if quantize:
-        validate_target(tmp, manifest, target, report, label=f"target ({quantize})", tolerance=QUANT_TOLERANCE,
-                        verify_rows=rows)
+    if o.validate == "full":
+        steps("validating the graphs against PyTorch (random inputs)")
+        if o.quantize:
+            validate_target(tmp, manifest, target, report, label=f"target ({o.quantize})",
+                            tolerance=QUANT_TOLERANCE, verify_rows=rows)
+        else:
+            validate_target(tmp, manifest, target, report, verify_rows=rows)
     else:
-        validate_target(tmp, manifest, target, report, verify_rows=rows)
-    if drafter_model:
-        embed, head = target.embed_tokens.weight, target.head_weight()
-        validate_drafter(tmp, manifest, drafter_model, embed, head, report, vocab_ids=vocab_ids)
-    if variant == "tensorrt":
+        steps(f"validating the first {FIRST_LAYERS} layers against PyTorch and the whole graph's structure")
+        check_dtype = o.dtype if o.dtype in RUNS_ON_CPU else "fp32"
+        check_first_layers(config, source.path, family, DTYPES[check_dtype],
+                           f"first {FIRST_LAYERS} layers ({check_dtype})", o.quantize in ROUNDS_ACTIVATIONS,
+                           report, verify_rows=rows)
+        check_structure(tmp / "target.onnx", report, "target")
+    del target
+    if drafter_model and o.dtype in RUNS_ON_CPU:
+        validate_drafter(tmp, manifest, drafter_model, embed, head, report, vocab_ids=o.vocab_ids)
+    elif drafter_model:
+        report.check("drafter", "numbers", True, f"not run: ONNX Runtime's CPU provider has no {o.dtype} kernels")
+    if o.variant == "tensorrt":
         check_standard_ops(tmp, [manifest["target"]["graph"]] + (
             [drafter_entry["context_graph"], drafter_entry["block_graph"]] if drafter_entry else []), report)
     for line in report.lines():
@@ -334,16 +375,106 @@ def _build(tmp: Path, source, hf_model, tokenizer, family, tap_ids, dtype, draft
     if not (tmp / "tokenizer.json").is_file():
         raise UserError(f"{source.describe()} has no fast tokenizer (tokenizer.json); the runtime needs one")
     config.save_pretrained(tmp)
-    gen = hf_model.generation_config
-    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
-    gen.save_pretrained(tmp)
+    generation.eos_token_id = stops if len(stops) > 1 else stops[0]
+    generation.save_pretrained(tmp)
     import onnx
     import onnxruntime
     import transformers
     manifest["export"] = {
         "dflash_edge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": trace.OPSET,
-        "exporter": "torch.onnx.export(dynamo=True)", "validation": report.as_dict(),
+        "exporter": "torch.onnx.export(dynamo=True)" + (", weights streamed" if o.streamed else ""),
+        "validation": report.as_dict(),
+        "validated": ("the whole model against PyTorch on random inputs" if o.validate == "full" else
+                      f"the first {FIRST_LAYERS} layers against PyTorch; the whole graph's structure"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return manifest
+
+
+def _trace_target(tmp: Path, source, config, tokenizer, family: str, o: Options, report, steps, log):
+    """The target loaded whole through transformers and traced with its weights (GGUF sources, int8-tokens)."""
+    from . import trace
+    from .validate import check_module
+
+    steps("loading the target with transformers")
+    hf_model, _, _ = load_hf(source, lambda *a: None)
+    target = load_target_from_hf(hf_model, o.tap_ids, qk_norm=(family == "qwen3"))
+    check_module(target, hf_model, report)
+    target = target.to(DTYPES[o.dtype])
+    if o.quantize == "int8-tokens":
+        from .smoothing import ALPHA, calibration_texts, input_peaks, smooth
+
+        texts = calibration_texts(tokenizer)
+        smooth(target, input_peaks(hf_model, tokenizer, texts))
+        log(f"      moved activation outliers into the weights for int8-tokens (alpha {ALPHA}, {len(texts)} "
+            f"calibration texts)")
+    del hf_model
+    steps(f"tracing target.onnx ({config.num_hidden_layers} layers, {o.dtype}, taps {o.tap_ids})")
+    # int8 kinds round activations, so a verify's rows must equal single steps exactly.
+    target_io = trace.export_target(target, tmp / "target.onnx", exact_rows=o.quantize in ROUNDS_ACTIVATIONS)
+    if o.quantize:
+        # Check the trace itself at full precision first; the quantized graph is then held to its own bound.
+        validate_target(tmp, {"target": {"graph": "target.onnx", **target_io}}, target, report,
+                        label=f"target ({o.dtype})")
+        from .quantize import quantize_target
+        n = quantize_target(tmp / "target.onnx", o.quantize, standard_ops=o.variant == "tensorrt")
+        _log_quantized(n, o, log)
+    return target_io, target
+
+
+def _stream_target(tmp: Path, source, config, family: str, o: Options, report, steps, log):
+    """The target traced without weights, its weights streamed from the checkpoint (streaming.py). Returns
+    the module too when the whole model is to be validated in memory."""
+    from tqdm import tqdm
+
+    from .streaming import export_target_streamed
+
+    steps(f"tracing target.onnx without weights, streaming them ({config.num_hidden_layers} layers, {o.dtype}, "
+          f"taps {o.tap_ids})")
+    with tqdm(desc="      weights", unit=" tensors", disable=None, leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        target_io = export_target_streamed(config, source.path, o.tap_ids, family == "qwen3", DTYPES[o.dtype],
+                                           tmp / "target.onnx", exact_rows=o.quantize in ROUNDS_ACTIVATIONS,
+                                           quantize=o.quantize, standard_ops=o.variant == "tensorrt",
+                                           progress=progress)
+    n = target_io.pop("quantized")
+    if o.quantize:
+        _log_quantized(n, o, log)
+    if o.validate != "full":
+        return target_io, None
+    from .validate import check_module
+
+    hf_model, _, _ = load_hf(source, lambda *a: None)
+    target = load_target_from_hf(hf_model, o.tap_ids, qk_norm=(family == "qwen3"))
+    check_module(target, hf_model, report)
+    del hf_model
+    if o.quantize:
+        # The quantized graph is reported, not judged (QUANT_TOLERANCE); the same trace unquantized is held
+        # to the export dtype's tolerance on the first layers.
+        check_first_layers(config, source.path, family, DTYPES[o.dtype], f"first {FIRST_LAYERS} layers ({o.dtype})",
+                           o.quantize in ROUNDS_ACTIVATIONS, report, verify_rows=16)
+    return target_io, target.to(DTYPES[o.dtype])
+
+
+def _vocab_matrices(source, config, target, dtype: torch.dtype):
+    """The embedding and LM head for the drafter's graph: the module's, or read from the checkpoint."""
+    if target is not None:
+        return target.embed_tokens.weight, target.head_weight(), target.tie_word_embeddings
+    from .streaming import SafetensorsSource
+
+    weights = SafetensorsSource(source.path)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    embed = weights.get("model.embed_tokens.weight").to(dtype)
+    return embed, embed if tied else weights.get("lm_head.weight").to(dtype), tied
+
+
+def _log_quantized(n: int, o: Options, log) -> None:
+    if o.quantize == "int8-tokens":
+        how = "per-token int8 MatMulInteger, LM head included; embedding and attention stay"
+    else:
+        how = ("block-quantized DequantizeLinear" if o.variant == "tensorrt" else "MatMulNBits") + \
+            "; embedding, LM head and attention stay"
+    log(f"      quantized {n} weight products to {o.quantize} ({how} {o.dtype})")

@@ -143,11 +143,10 @@ def resolve_drafter(arg: str, source: ModelSource) -> Path:
     raise UserError(f"drafter folder {path} does not exist")
 
 
-def load_hf(source: ModelSource, log=print):
-    """Load (model, tokenizer, family) with transformers, offline."""
+def read_hf(source: ModelSource, log=print):
+    """(config, tokenizer, family, generation config) of a target, offline, without its weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
@@ -161,6 +160,28 @@ def load_hf(source: ModelSource, log=print):
     log(f"loading {source.describe()} ({config.model_type}, {config.num_hidden_layers} layers)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of {source.describe()}: {e}") from None
+    try:
+        generation = GenerationConfig.from_pretrained(source.path, **kwargs)
+    except OSError:  # no generation_config.json: what transformers derives from the config
+        generation = GenerationConfig.from_model_config(config)
+    return config, tokenizer, family, generation
+
+
+def streams(source: ModelSource) -> bool:
+    """Whether the target's weights can be streamed tensor by tensor (a safetensors folder)."""
+    return source.gguf_file is None and any(source.path.glob("*.safetensors"))
+
+
+def load_hf(source: ModelSource, log=print):
+    """Load (model, tokenizer, family) with transformers, offline."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer, family, _ = read_hf(source, log)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load {source.describe()}: {e}") from None

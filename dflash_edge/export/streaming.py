@@ -14,7 +14,10 @@ import json
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -22,6 +25,18 @@ from ..errors import UserError
 from .modeling import BufferedTarget, DecoderSpec, Rotary, TargetModel
 
 ALIGNMENT = 4096  # bytes; each tensor starts on a page, so ONNX Runtime can map it in place
+
+
+@dataclass
+class Planned:
+    """How one initializer of the graph is filled from the checkpoint."""
+
+    source: str                  # the tensor's name in the checkpoint
+    transposed: bool = False     # written [in, out], for a MatMul
+    bits: int = 0                # 4 or 8: block-quantized (this initializer holds the packed values)
+    scales: str | None = None    # with bits: the initializer of the blocks' scales
+    standard_ops: bool = False   # with bits: DequantizeLinear's layout, else MatMulNBits'
+    shape: tuple[int, ...] = ()  # with bits: the weight's [K, N] (the initializer's shape is the packing's)
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -78,6 +93,15 @@ def rotary_for(config) -> Rotary:
     return Rotary(hf_rotary.inv_freq, getattr(hf_rotary, "attention_scaling", 1.0))
 
 
+PLACEHOLDER_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def placeholder(count: int, dtype: torch.dtype) -> torch.Tensor:
+    """One element whose bit pattern is `count`: a tiny positive number, finite and distinct for every count
+    in every float dtype (bf16's integers stop being distinct at 256, its bit patterns do not)."""
+    return torch.tensor([count], dtype=PLACEHOLDER_BITS[dtype]).view(dtype)
+
+
 def skeleton(config, tap_layer_ids: list[int], qk_norm: bool, dtype: torch.dtype) -> TargetModel:
     """A TargetModel of the config's shapes whose parameters are zero-stride placeholders."""
     spec = DecoderSpec.from_hf_config(config, qk_norm=qk_norm)
@@ -92,10 +116,8 @@ def skeleton(config, tap_layer_ids: list[int], qk_norm: bool, dtype: torch.dtype
                 # A different value in each: the optimizer merges initializers of equal contents, which would
                 # give every layer's norm one shared weight.
                 count += 1
-                if float(torch.tensor(float(count), dtype=dtype)) != count:
-                    raise ValueError(f"{count} placeholders do not all differ in {dtype}")
-                module._parameters[name] = torch.nn.Parameter(
-                    torch.full((1,), float(count), dtype=dtype).expand(p.shape), requires_grad=False)
+                module._parameters[name] = torch.nn.Parameter(placeholder(count, dtype).expand(p.shape),
+                                                              requires_grad=False)
     return model.eval()
 
 
@@ -107,7 +129,7 @@ def source_name(graph_name: str) -> str:
 
 def trace_weightless(model: TargetModel, exact_rows: bool):
     """The target graph (onnx_ir) with placeholder weights, weight transposes recorded, then optimized
-    without ever computing with a weight. Returns (model, {initializer name: (source name, transposed)})."""
+    without ever computing with a weight. Returns (model, {initializer name: Planned})."""
     import onnx_ir as ir
     import onnxscript.optimizer
 
@@ -130,7 +152,7 @@ def trace_weightless(model: TargetModel, exact_rows: bool):
     onnx_model = program.model
     graph = onnx_model.graph
     params = {f"target.{n}" for n, _ in model.named_parameters()}
-    weights = {name: (source_name(name), False) for name in graph.initializers if name in params}
+    weights = {name: Planned(source_name(name)) for name in graph.initializers if name in params}
     for node in list(graph):
         value = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
         perm = node.attributes.get("perm")
@@ -139,21 +161,106 @@ def trace_weightless(model: TargetModel, exact_rows: bool):
             continue
         # The weight is written transposed; the node's consumers read it directly.
         rows, cols = value.shape
-        src, _ = weights.pop(value.name)
+        planned = weights.pop(value.name)
         flipped = ir.Value(name=f"{value.name}.T", shape=ir.Shape([cols, rows]), type=value.type,
-                           const_value=ir.tensor(torch.zeros(1, dtype=model.embed_tokens.weight.dtype)
-                                                 .expand(cols, rows).numpy(), name=f"{value.name}.T"))
+                           const_value=ir.tensor(np.broadcast_to(np.zeros(1, value.type.dtype.numpy()), (cols, rows)),
+                                                 name=f"{value.name}.T"))
         graph.register_initializer(flipped)
         node.outputs[0].replace_all_uses_with(flipped)
         graph.remove(node, safe=True)
         graph.initializers.pop(value.name)
-        weights[flipped.name] = (src, True)
+        weights[flipped.name] = Planned(planned.source, transposed=True)
 
     def should_fold(node):
         return False if any(v is not None and v.name in weights for v in node.inputs) else None
 
     onnxscript.optimizer.optimize_ir(onnx_model, should_fold=should_fold)
     return onnx_model, {name: weights[name] for name in onnx_model.graph.initializers if name in weights}
+
+
+def quantize_products(onnx_model, weights: dict, kind: str, standard_ops: bool) -> int:
+    """Plan every weight MatMul as a block-quantized product, as quantize.quantize_target does after a
+    traced export (same ops, layouts and settings), before any weight exists. Returns how many."""
+    import onnx_ir as ir
+
+    from .quantize import BLOCK, NBITS
+
+    bits, level = NBITS[kind]
+    graph = onnx_model.graph
+    dtype = ir.DataType.INT4 if standard_ops else ir.DataType.UINT8
+    count = 0
+    for node in list(graph):
+        b = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+        if b is None or b.name not in weights or not weights[b.name].transposed:
+            continue
+        k, n = b.shape
+        blocks = -(-k // BLOCK)
+        if standard_ops:  # int4 [K, N] and scales [blocks, N], DequantizeLinear along K
+            packed_shape, scales_shape = [k, n], [blocks, n]
+        else:  # MatMulNBits: [N, blocks, BLOCK * bits / 8] and scales [N, blocks]
+            packed_shape, scales_shape = [n, blocks, BLOCK * bits // 8], [n, blocks]
+        packed = _pending(f"{b.name}_Q{bits}", dtype, packed_shape)
+        scales = _pending(f"{b.name}_scales", b.type.dtype, scales_shape)
+        graph.register_initializer(packed)
+        graph.register_initializer(scales)
+        if standard_ops:
+            dq = ir.node("DequantizeLinear", [packed, scales], {"axis": 0, "block_size": BLOCK},
+                         name=f"{node.name}_DQ", num_outputs=1)
+            graph.insert_before(node, dq)
+            node.replace_input_with(1, dq.outputs[0])
+        else:
+            product = ir.node("MatMulNBits", [node.inputs[0], packed, scales],
+                              {"K": k, "N": n, "bits": bits, "block_size": BLOCK, "accuracy_level": level},
+                              domain="com.microsoft", name=f"{node.name}_Q{bits}", num_outputs=1)
+            graph.insert_before(node, product)
+            node.outputs[0].replace_all_uses_with(product.outputs[0])
+            if node.outputs[0].is_graph_output():
+                product.outputs[0].name = node.outputs[0].name
+            graph.remove(node, safe=True)
+        planned = weights.pop(b.name)
+        if not b.uses():
+            graph.initializers.pop(b.name)
+        weights[packed.name] = Planned(planned.source, True, bits, scales.name, standard_ops, (k, n))
+        count += 1
+    if standard_ops:  # int4 tensors and block-wise DequantizeLinear need opset 21 and IR 10
+        onnx_model.opset_imports[""] = max(onnx_model.opset_imports.get("", 0), 21)
+        onnx_model.ir_version = max(onnx_model.ir_version or 0, 10)
+    else:
+        onnx_model.opset_imports["com.microsoft"] = 1
+    return count
+
+
+def _pending(name: str, dtype, shape: list[int]):
+    """An initializer whose contents write_streamed supplies (nothing is allocated for it now)."""
+    import onnx_ir as ir
+
+    return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
+                    const_value=ir.ExternalTensor("pending", 0, 0, dtype, shape=ir.Shape(shape), name=name))
+
+
+def block_quantize(w: np.ndarray, bits: int, standard_ops: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] weight -> (packed values, scales), symmetric, in ONNX Runtime's own kernels (the ones its
+    MatMulNBitsQuantizer calls), so a streamed export quantizes exactly as a traced one does."""
+    from onnxruntime.capi._pybind_state import (quantize_matmul_4bits, quantize_matmul_8bits,
+                                                quantize_qdq_matmul_4bits)
+
+    from .quantize import BLOCK
+
+    k, n = w.shape
+    blocks = -(-k // BLOCK)
+    zero_points = np.zeros(n * blocks, dtype=np.uint8)  # symmetric: unused
+    if standard_ops:
+        packed = np.zeros((k * n + 1) // 2, dtype=np.uint8)
+        scales = np.zeros((blocks, n), dtype=w.dtype)
+        quantize_qdq_matmul_4bits(packed, w, scales, zero_points, BLOCK, n, k, True)
+        return packed, scales
+    if k % BLOCK:
+        w = np.pad(w, ((0, blocks * BLOCK - k), (0, 0)))
+    packed = np.zeros((n, blocks, BLOCK * bits // 8), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=w.dtype)
+    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    kernel(packed, w, scales, zero_points, BLOCK, n, blocks * BLOCK, True)
+    return packed, scales
 
 
 def write_streamed(onnx_model, weights: dict, source, path: Path, dtype: torch.dtype,
@@ -164,47 +271,60 @@ def write_streamed(onnx_model, weights: dict, source, path: Path, dtype: torch.d
     data_name = path.name + ".data"
     graph = onnx_model.graph
     offset = 0
+
+    def append(f, name: str, data: np.ndarray) -> None:
+        nonlocal offset
+        value = graph.initializers[name]
+        pad = -offset % ALIGNMENT
+        f.write(b"\0" * pad)
+        offset += pad
+        f.write(data.data if data.size else b"")
+        value.const_value = ir.ExternalTensor(data_name, offset, data.nbytes, value.type.dtype,
+                                              shape=value.shape, name=name, base_dir=path.parent)
+        offset += data.nbytes
+
     with open(path.parent / data_name, "wb") as f:
-        for i, (name, (src, transposed)) in enumerate(weights.items()):
-            tensor = source.get(src)
-            value = graph.initializers[name]
-            shape = tuple(reversed(tensor.shape)) if transposed else tuple(tensor.shape)
-            if shape != tuple(value.shape):
-                raise UserError(f"{src} has shape {tuple(tensor.shape)} in the checkpoint; the config implies "
-                                f"{tuple(value.shape)}")
+        for i, (name, planned) in enumerate(weights.items()):
+            tensor = source.get(planned.source)
+            shape = tuple(reversed(tensor.shape)) if planned.transposed else tuple(tensor.shape)
+            expected = planned.shape if planned.bits else tuple(graph.initializers[name].shape)
+            if shape != expected:
+                raise UserError(f"{planned.source} has shape {tuple(tensor.shape)} in the checkpoint; the config "
+                                f"implies {tuple(reversed(expected)) if planned.transposed else expected}")
             # One buffer in the export dtype, filled by a single cast-and-transpose copy, written as it is.
             out = torch.empty(shape, dtype=dtype)
-            out.copy_(tensor.t() if transposed else tensor)
+            out.copy_(tensor.t() if planned.transposed else tensor)
             del tensor
-            pad = -offset % ALIGNMENT
-            f.write(b"\0" * pad)
-            offset += pad
-            length = out.numel() * out.element_size()
-            f.write(out.view(torch.uint8).numpy().data if out.numel() else b"")
+            if planned.bits:
+                packed, scales = block_quantize(out.numpy(), planned.bits, planned.standard_ops)
+                append(f, name, packed)
+                append(f, planned.scales, scales)
+            else:
+                append(f, name, out.view(torch.uint8).numpy())
             del out
-            value.const_value = ir.ExternalTensor(data_name, offset, length, value.const_value.dtype,
-                                                  shape=value.shape, name=name, base_dir=path.parent)
-            offset += length
             if progress is not None:
                 progress(i + 1, len(weights))
     ir.save(onnx_model, path)
 
 
 def export_target_streamed(config, folder: Path, tap_layer_ids: list[int], qk_norm: bool, dtype: torch.dtype,
-                           path: Path, exact_rows: bool = False,
+                           path: Path, exact_rows: bool = False, quantize: str | None = None,
+                           standard_ops: bool = False, source=None,
                            progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write target.onnx (+ .data) for the checkpoint in `folder` without loading it; returns the IO names."""
+    """Write target.onnx (+ .data) for the checkpoint in `folder` without loading it; returns the IO names
+    and how many products were quantized (int4 or int8 when `quantize` is given)."""
     from . import trace
 
     model = skeleton(config, tap_layer_ids, qk_norm, dtype)
     onnx_model, weights = trace_weightless(model, exact_rows)
-    source = SafetensorsSource(folder)
+    del model
+    source = source or SafetensorsSource(folder)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = sorted({src for src, _ in weights.values()} - source.names())
+    missing = sorted({p.source for p in weights.values()} - source.names())
     if missing:
         raise UserError(f"{folder}: the checkpoint lacks {len(missing)} tensors the config implies "
                         f"(first: {missing[0]}){'; it ties the LM head to the embedding' if tied else ''}")
+    quantized = quantize_products(onnx_model, weights, quantize, standard_ops) if quantize else 0
     write_streamed(onnx_model, weights, source, path, dtype, progress)
     inputs, outputs = trace.target_io_names(config.num_hidden_layers)
-    return {"inputs": inputs, "outputs": outputs}
-
+    return {"inputs": inputs, "outputs": outputs, "quantized": quantized}

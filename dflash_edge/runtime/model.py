@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import UserError
-from ..manifest import read_manifest
+from ..manifest import inside, read_manifest
 from .cache import KVCache
 from .providers import PROVIDERS, TRT_PREFILL_CHUNK, provider_options, resolve_providers, verify_limit
 from .session import SharedWeights, default_threads, make_session
@@ -42,6 +42,7 @@ class ExportedModel:
 
         def session(graph: str, **kwargs):
             providers = provider_options(self.providers, self.folder, m, graph)
+            inside(self.folder, graph)  # checked again here: read_manifest's check is not this code's
             return make_session(self.folder / graph, providers, self.shared, threads, fallback=fallback, **kwargs)
 
         self.target = session(self.target_info["graph"])
@@ -52,7 +53,7 @@ class ExportedModel:
         # Where the caches and the taps live: device memory under CUDA and TensorRT, else host memory.
         self.device = "cuda" if self.providers[0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
         self.on_host = self.device == "cpu"  # tests set it False to run the device path's logic on the CPU
-        self.tokenizer = Tokenizer(self.folder / m["tokenizer"])
+        self.tokenizer = Tokenizer(inside(self.folder, m["tokenizer"]))
         self.stop_token_ids = set(m["stop_token_ids"])
         self.max_context = int(self.target_info["max_context"])
         self.chat = m.get("chat")

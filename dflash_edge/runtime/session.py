@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import UserError
+from ..manifest import inside
 from .providers import check_started
 
 class SharedWeights:
@@ -19,19 +20,52 @@ class SharedWeights:
         self._arrays = []  # keep the mapped buffers alive as long as the sessions
         if not index:
             return
-        path = folder / index["file"]
+        # Mapped straight into the graphs, past ORT's own external-data checks: so the file must be in the
+        # folder, and each entry must describe bytes that lie inside it.
+        path = inside(folder, index.get("file"))
+        size = path.stat().st_size
         for name, t in index["tensors"].items():
-            count = int(np.prod(t["shape"]))
-            if path.stat().st_size < t["offset"] + t["length"]:
-                raise UserError(f"{path} is truncated; export the model again")
-            arr = np.memmap(path, dtype=np.dtype(t["dtype"]), mode="r", offset=t["offset"], shape=(count,))
-            arr = arr.reshape(t["shape"])
+            dtype, shape = _check_tensor(path, size, name, t)
+            arr = np.memmap(path, dtype=dtype, mode="r", offset=t["offset"], shape=(int(np.prod(shape)),))
+            arr = arr.reshape(shape)
             self._arrays.append(arr)
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
             self.users[name] = t["graphs"]
 
     def for_graph(self, graph: str) -> dict[str, ort.OrtValue]:
         return {n: v for n, v in self.values.items() if graph in self.users[n]}
+
+
+def _check_tensor(path: Path, size: int, name: str, t) -> tuple[np.dtype, list[int]]:
+    """One shared-weights index entry, checked: a bad one is a one-line UserError, not a numpy traceback."""
+    def bad(why: str):
+        return UserError(f"{path.name}: the entry for {name!r} {why}; export the model again")
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(t, dict):
+        raise bad("is not an object")
+    try:  # a name, not None: np.dtype(None) is float64
+        dtype = np.dtype(t["dtype"]) if isinstance(t.get("dtype"), str) else None
+    except TypeError:
+        dtype = None
+    # Numbers only: no objects, strings or records (bfloat16 is ml_dtypes' record type, where it is loaded).
+    if dtype is None or (dtype.kind not in "fiu" and dtype.name != "bfloat16"):
+        raise bad(f"has dtype {t.get('dtype')!r}, not a numeric type")
+    shape = t.get("shape")
+    if not (isinstance(shape, list) and all(count(d) for d in shape)):
+        raise bad(f"has shape {shape!r}, not a list of non-negative integers")
+    offset, length = t.get("offset"), t.get("length")
+    if not (count(offset) and count(length)):
+        raise bad("needs a non-negative integer offset and length")
+    if np.prod(shape, dtype=object) * dtype.itemsize != length:  # object: no overflow on huge shapes
+        raise bad(f"says {length} bytes, but {shape} {dtype.name} is a different size")
+    if offset + length > size:
+        raise UserError(f"{path} is truncated; export the model again")
+    if not (isinstance(t.get("graphs"), list) and all(isinstance(g, str) for g in t["graphs"])):
+        raise bad("must list the graphs that use it")
+    return dtype, shape
 
 
 def make_session(path: Path, providers: list, shared: SharedWeights | None = None,
