@@ -31,7 +31,7 @@ SHAPES = {
     "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                  num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
     "1b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
     "8b": {**{k: v for k, v in LLAMA31_8B.items() if k != "max_position_embeddings"}, "tie_word_embeddings": False},
 }
 RUNS = [  # (shape, label, dflash-export options)

@@ -101,3 +101,15 @@ def test_prefill_in_pieces_gives_the_same_tokens(tiny_llama):
     whole = [generate(model, ids, 24, block_size=b)[0] for b in (1, 8)]
     model.prefill_chunk = 5
     assert [generate(model, ids, 24, block_size=b)[0] for b in (1, 8)] == whole
+
+
+def test_the_engine_cache_path_takes_nothing_but_the_date_from_the_manifest(tmp_path, monkeypatch):
+    """Security review L13: a hostile 'created' cannot steer the cache path out of its folder."""
+    from dflash_edge.runtime.providers import engine_cache_dir
+
+    monkeypatch.setenv("DFLASH_EDGE_CACHE", str(tmp_path))
+    hostile = engine_cache_dir(tmp_path / "model", {"export": {"created": "../../../etc/x\x00"}})
+    assert hostile.parent == tmp_path / "tensorrt" and "/" not in hostile.name and ".." not in hostile.name
+    a = engine_cache_dir(tmp_path / "model", {"export": {"created": "2026-12-03T10:00:00Z"}, "target": {"x": 1}})
+    b = engine_cache_dir(tmp_path / "model", {"export": {"created": "2026-12-03T10:00:00Z"}, "target": {"x": 2}})
+    assert a != b and a.name.startswith("model-2026-12-03T100000Z-")

@@ -45,11 +45,11 @@ class ExportedModel:
             inside(self.folder, graph)  # checked again here: read_manifest's check is not this code's
             return make_session(self.folder / graph, providers, self.shared, threads, fallback=fallback, **kwargs)
 
+        self.kv_dtype = kv_dtype(self.target_info["dtype"], self.providers[0])
         self.target = session(self.target_info["graph"])
         names = self.target_info["inputs"]
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
         self.present_names = [n for n in self.target_info["outputs"] if n.startswith("present.")]
-        self.kv_dtype = np.float16 if self.target_info["dtype"] == "fp16" else np.float32
         # Where the caches and the taps live: device memory under CUDA and TensorRT, else host memory.
         self.device = "cuda" if self.providers[0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
         self.on_host = self.device == "cpu"  # tests set it False to run the device path's logic on the CPU
@@ -192,3 +192,17 @@ class ExportedModel:
         if not 1 <= block_size <= trained:
             raise UserError(f"--block-size {block_size} is outside 1..{trained} (the drafter's trained block size)")
         return block_size
+
+
+def kv_dtype(dtype: str, provider: str):
+    """The cache buffers' numpy dtype for a graph of `dtype` ("fp32", "fp16" or "bf16") on `provider`."""
+    if dtype != "bf16":
+        return np.float16 if dtype == "fp16" else np.float32
+    if provider == PROVIDERS["cpu"]:
+        raise UserError("this folder's graphs are bf16, which ONNX Runtime's CPU provider cannot run; use "
+                        "--provider cuda or tensorrt, or export for the CPU with --dtype fp32 or --quantize int4")
+    try:
+        import ml_dtypes  # numpy has no bfloat16 of its own
+    except ImportError:
+        raise UserError("bf16 caches need the ml_dtypes package: pip install ml_dtypes") from None
+    return ml_dtypes.bfloat16

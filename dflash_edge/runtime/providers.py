@@ -109,11 +109,17 @@ def tensorrt_profiles(manifest: dict, graph: str) -> dict[str, str]:
 
 
 def engine_cache_dir(folder: Path, manifest: dict) -> Path:
-    """Where TensorRT keeps built engines: per export (its creation time tells re-exports apart), in
-    DFLASH_EDGE_CACHE or ~/.cache/dflash-edge, since the export folder may be read-only."""
+    """Where TensorRT keeps built engines: per export (its creation time and a hash of its manifest tell
+    re-exports apart), in DFLASH_EDGE_CACHE or ~/.cache/dflash-edge, since the export folder may be
+    read-only. The manifest is untrusted: only digits, T, Z and - of its date reach the path."""
+    import hashlib
+    import json
+
     root = Path(os.environ.get("DFLASH_EDGE_CACHE", Path.home() / ".cache" / "dflash-edge"))
-    stamp = str(manifest.get("export", {}).get("created", "unknown")).replace(":", "")
-    return root / "tensorrt" / f"{folder.resolve().name}-{stamp}"
+    created = str(manifest.get("export", {}).get("created", "unknown"))
+    stamp = "".join(c for c in created if c.isascii() and (c.isdigit() or c in "TZ-"))[:32] or "unknown"
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return root / "tensorrt" / f"{folder.resolve().name}-{stamp}-{digest}"
 
 
 def provider_options(providers: list[str], folder: Path, manifest: dict, graph: str) -> list:

@@ -27,18 +27,23 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences.
+
+    Each push decodes only the tokens since the previous piece plus the ones before it (a reply of n
+    tokens costs O(n) decoding, not O(n^2)); starting a token early keeps the leading space that some
+    tokenizers drop at the start of a decode."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # where the decoded window starts
+        self.read = 0    # the window's tokens before this one are already emitted
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # a multi-byte character is split across tokens; wait for the rest
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return piece
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""  # nothing new, or a multi-byte character split across tokens: wait for the rest
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
