@@ -85,7 +85,7 @@ ROW_CHECK_CONTEXT = 300
 
 @torch.no_grad()
 def validate_target(folder: Path, manifest: dict, target, report: Report, seed: int = 0, label: str = "target",
-                    tolerance: float | None = None, verify_rows: int = 16) -> None:
+                    tolerance: float | None = None, verify_rows: int = 16, prepack: bool = True) -> None:
     """The ONNX graph against our module on random ids after a cache of random ids.
 
     The cache holds the module's own keys and values for its prefix: random-noise caches make attention
@@ -105,7 +105,7 @@ def validate_target(folder: Path, manifest: dict, target, report: Report, seed: 
                    torch.arange(seq), *prefix_kv)
     ref = [*alone[:2], *BufferedTarget(target)(*args)[3:]]
     shared = SharedWeights(folder, manifest.get("shared_weights"))
-    session = make_session(folder / manifest["target"]["graph"], ["CPUExecutionProvider"], shared)
+    session = make_session(folder / manifest["target"]["graph"], ["CPUExecutionProvider"], shared, prepack=prepack)
     names = manifest["target"]["inputs"]
     got = dict(zip(manifest["target"]["outputs"], session.run(None, {n: a.numpy() for n, a in zip(names, args)})))
     # The ids the loop decides by must be the argmax of the logits the same graph returns, row by row.
