@@ -233,3 +233,20 @@ def test_the_estimates_match_what_the_issue_measured_and_asks():
     for dtype, quantize in (("fp32", "int4"), ("fp16", None), ("fp16", "int4")):
         need = estimate(eight_b, dtype, quantize, streamed=True, validate_layers=2)
         assert need.memory < 8e9
+
+
+def test_a_disk_that_fills_up_mid_export_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from dflash_edge.errors import UserError
+    from dflash_edge.export import streaming
+
+    folder = save_target(tmp_path / "hf", "llama", layers=4)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(streaming, "write_streamed", full)
+    with pytest.raises(UserError, match="filled up during the export"):
+        _quiet_export(folder, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -294,10 +294,11 @@ def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafte
     report = Report(TOLERANCE[o.dtype])
     if o.streamed:
         target_io, target = _stream_target(tmp, source, config, family, o, report, steps, log)
-        embed, head, tied = _vocab_matrices(source, config, target, DTYPES[o.dtype])
     else:
         target_io, target = _trace_target(tmp, source, config, tokenizer, family, o, report, steps, log)
-        embed, head, tied = target.embed_tokens.weight, target.head_weight(), target.tie_word_embeddings
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    # Read only for a drafter: at 8B they are 4.2 GB in fp32.
+    embed, head = _vocab_matrices(source, target, tied, DTYPES[o.dtype]) if drafter_model else (None, None)
     graphs = ["target.onnx"]
     shared_names = ["embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
     drafter_entry = None
@@ -459,16 +460,15 @@ def _stream_target(tmp: Path, source, config, family: str, o: Options, report, s
     return target_io, target.to(DTYPES[o.dtype])
 
 
-def _vocab_matrices(source, config, target, dtype: torch.dtype):
+def _vocab_matrices(source, target, tied: bool, dtype: torch.dtype):
     """The embedding and LM head for the drafter's graph: the module's, or read from the checkpoint."""
     if target is not None:
-        return target.embed_tokens.weight, target.head_weight(), target.tie_word_embeddings
+        return target.embed_tokens.weight, target.head_weight()
     from .streaming import SafetensorsSource
 
     weights = SafetensorsSource(source.path)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
     embed = weights.get("model.embed_tokens.weight").to(dtype)
-    return embed, embed if tied else weights.get("lm_head.weight").to(dtype), tied
+    return embed, embed if tied else weights.get("lm_head.weight").to(dtype)
 
 
 def _log_quantized(n: int, o: Options, log) -> None:
