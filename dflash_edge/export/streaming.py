@@ -3,10 +3,11 @@
 The graph is traced from a skeleton whose parameters are zero-stride placeholders (one element each, the
 right shapes and dtype), so tracing costs the same for 135 M and 8 B parameters. The exporter's optimizer
 would fold the transposes of the weights into new constants, which materialises them; here that fold is
-recorded instead: the Transpose node goes and the weight it fed is written transposed. Every weight is then
-read from the memory-mapped safetensors source in its own dtype (bf16 for most checkpoints), cast and
-transposed one tensor at a time, and appended to the external-data file, so peak memory is about the
-largest tensor, whatever the depth.
+recorded instead: the Transpose node goes and the weight it fed is written transposed. With --quantize, each
+weight product is planned as the quantized op (MatMulNBits, or DequantizeLinear for TensorRT) before any
+weight exists. Every weight is then read from the safetensors source in its own dtype (bf16 for most
+checkpoints), cast, transposed and quantized one tensor at a time, and appended to the external-data file,
+so peak memory is about the largest tensor, whatever the depth.
 """
 from __future__ import annotations
 

@@ -199,10 +199,8 @@ def kv_dtype(dtype: str, provider: str):
     if dtype != "bf16":
         return np.float16 if dtype == "fp16" else np.float32
     if provider == PROVIDERS["cpu"]:
-        raise UserError("this folder's graphs are bf16, which ONNX Runtime's CPU provider cannot run; use "
-                        "--provider cuda or tensorrt, or export for the CPU with --dtype fp32 or --quantize int4")
-    try:
-        import ml_dtypes  # numpy has no bfloat16 of its own
-    except ImportError:
-        raise UserError("bf16 caches need the ml_dtypes package: pip install ml_dtypes") from None
-    return ml_dtypes.bfloat16
+        raise UserError("this folder's graphs are bf16, which ONNX Runtime's CPU provider cannot run; export "
+                        "for the CPU with --dtype fp32 or --quantize int4")
+    # numpy has no bfloat16, and the runtime depends on numpy, onnxruntime and tokenizers only.
+    raise UserError("this runtime does not yet allocate bf16 caches; export with --dtype fp16 for CUDA and "
+                    "TensorRT meanwhile")
