@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .devices import Shape  # noqa: F401  (the decoder sizes the estimates read; re-exported)
 
 GB = 1e9
 LOADED_BYTES_PER_PARAM = 11.0   # the transformers path, measured on a 1.07 B Llama (11.6 GB)
@@ -20,40 +21,6 @@ STREAM_BASE = 1.2 * GB          # Python, torch, onnx, the traced graph
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Packed bytes per weight of a quantized product, with its fp32 (or fp16) block scales (blocks of 32).
 QUANT_BYTES = {"int4": 0.5 + 4 / 32, "int8": 1 + 4 / 32, "int8-tokens": 1 + 0.0}
-
-
-@dataclass
-class Shape:
-    """A decoder's sizes from its Hugging Face config: what the estimates need."""
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    q_width: int
-    kv_width: int
-    tied: bool
-
-    @classmethod
-    def of(cls, config) -> "Shape":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                   config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim,
-                   bool(getattr(config, "tie_word_embeddings", False)))
-
-    def products_per_layer(self) -> int:
-        """Weights of one layer's seven projections (norms are negligible)."""
-        h = self.hidden
-        return 2 * h * self.q_width + 2 * h * self.kv_width + 3 * h * self.intermediate
-
-    def vocab_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    def params(self) -> int:
-        return self.layers * self.products_per_layer() + self.vocab_params()
-
-    def largest_tensor(self) -> int:
-        return max(self.vocab * self.hidden, self.hidden * self.intermediate, self.hidden * self.q_width)
 
 
 @dataclass
@@ -69,7 +36,7 @@ def estimate(shape: Shape, dtype: str, quantize: str | None, streamed: bool, val
     per_weight = QUANT_BYTES[quantize] if quantize else WEIGHT_BYTES[dtype]
     # The embedding and LM head stay in the export dtype (fp32 for the quantized ONNX Runtime kinds).
     vocab_bytes = shape.vocab_params() * (WEIGHT_BYTES[dtype] if dtype != "fp32" or not quantize else 4)
-    disk = shape.layers * shape.products_per_layer() * per_weight + vocab_bytes + drafter_params * WEIGHT_BYTES[dtype]
+    disk = shape.layers * shape.layer_params() * per_weight + vocab_bytes + drafter_params * WEIGHT_BYTES[dtype]
     # A drafter is loaded whole in fp32, next to the target's embedding and head for its trace.
     drafter = drafter_params * 4 * 2 + (shape.vocab_params() * 4 if drafter_params else 0)
     if not streamed:
@@ -78,7 +45,7 @@ def estimate(shape: Shape, dtype: str, quantize: str | None, streamed: bool, val
     writing = STREAM_BASE + shape.largest_tensor() * (2 + 4 + 4)
     if validate_layers:
         # The first layers three times (transformers, our module, the graph), fp32, on a few vocab rows.
-        checking = STREAM_BASE + validate_layers * shape.products_per_layer() * 4 * 3
+        checking = STREAM_BASE + validate_layers * shape.layer_params() * 4 * 3
     else:
         checking = STREAM_BASE + shape.params() * (4 + 4 + WEIGHT_BYTES[dtype])
     return Estimate(max(writing, checking) + drafter, disk,

@@ -76,9 +76,26 @@ class Shape:
     head_dim: int
     tied: bool
 
+    @classmethod
+    def of(cls, config) -> "Shape":
+        """From a Hugging Face config (dflash-export's memory estimate, export/budget.py)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.vocab_size, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                   config.num_attention_heads, config.num_key_value_heads, head_dim,
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+
     def layer_params(self) -> int:
         attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
         return attn + 3 * self.hidden * self.intermediate
+
+    def vocab_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.vocab_params()
+
+    def largest_tensor(self) -> int:
+        return max(self.vocab * self.hidden, self.hidden * self.intermediate, self.hidden * self.heads * self.head_dim)
 
     def kv_bytes_per_token(self, layers: int, bytes_per_value: int = 2) -> int:
         return 2 * layers * self.kv_heads * self.head_dim * bytes_per_value
