@@ -6,7 +6,7 @@ maximum resident set size is the export's peak), generates a few tokens from the
 checks that peak memory does not grow with depth (4 and 16 layers of the 8B width). The checkpoints
 (16 GB for the 8B shape) stay under --work, outside the repository.
 
-    python benchmarks/export_memory.py --work /tmp/dflash-export-memory [--only 8b] [--keep]
+    python benchmarks/export_memory.py --work /tmp/dflash-export-memory [--only 8b] [--label "int4 + drafter"] [--keep]
 Results: one JSON line per run in benchmarks/export_memory.jsonl, and a Markdown table on stdout.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dflash_edge.bench.synthetic import LLAMA31_8B, write_checkpoint  # noqa: E402
+from dflash_edge.bench.synthetic import LLAMA31_8B, write_checkpoint, write_drafter_checkpoint  # noqa: E402
 from dflash_edge.machine import cpu_name  # noqa: E402
 
 SHAPES = {
@@ -43,6 +43,8 @@ RUNS = [  # (shape, label, dflash-export options)
     ("8b", "tensorrt fp16", ["--variant", "tensorrt", "--dtype", "fp16"]),
     ("8b", "jetson-orin", ["--device", "jetson-orin"]),
     ("8b", "bf16", ["--dtype", "bf16"]),
+    # With a drafter of z-lab's shape for this target (5 layers of its width, 1.1 B parameters), streamed too.
+    ("8b", "int4 + drafter", ["--quantize", "int4", "--drafter", "DRAFTER"]),
 ]
 DEPTHS = (4, 16)  # layers of the 8B width, fp16: the growth of peak memory with depth
 
@@ -71,6 +73,15 @@ def checkpoint(work: Path, name: str, shape: dict) -> Path:
     return folder
 
 
+def drafter(work: Path, name: str, target: Path) -> Path:
+    folder = work / f"drafter-{name}"
+    if not (folder / "config.json").is_file():
+        t = time.perf_counter()
+        write_drafter_checkpoint(folder, target, layers=5)
+        print(f"wrote {folder} ({folder_gb(folder)} GB) in {time.perf_counter() - t:.0f} s", flush=True)
+    return folder
+
+
 def export(work: Path, folder: Path, name: str, options: list[str]) -> tuple[dict, Path]:
     out = work / f"export-{name}"
     result = timed([str(Path(sys.executable).parent / "dflash-export"), "--model", str(folder), "--output", str(out),
@@ -87,6 +98,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/dflash-export-memory"))
     p.add_argument("--only", choices=list(SHAPES), action="append", help="shapes to run (default: all)")
+    p.add_argument("--label", action="append", help="runs to do, by their label (default: all)")
     p.add_argument("--no-depth", action="store_true", help="skip the 4-vs-16-layer runs")
     p.add_argument("--keep", action="store_true", help="keep the exported folders")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "export_memory.jsonl")
@@ -107,16 +119,18 @@ def main() -> int:
             f.write(json.dumps({k: v for k, v in row.items() if k != "tail"}) + "\n")
 
     for shape_name, label, options in RUNS:
-        if args.only and shape_name not in args.only:
+        if (args.only and shape_name not in args.only) or (args.label and label not in args.label):
             continue
         folder = checkpoint(args.work, shape_name, SHAPES[shape_name])
-        name = f"{shape_name}-{label.replace(' ', '-')}"
+        if "DRAFTER" in options:
+            options = [str(drafter(args.work, shape_name, folder)) if o == "DRAFTER" else o for o in options]
+        name = f"{shape_name}-{label.replace(' ', '-').replace('+', 'and')}"
         result, out = export(args.work, folder, name, options)
         record({"shape": shape_name, "export": label, "options": " ".join(options), **result})
-        if result["rc"] == 0 and shape_name == "8b" and label == "int4":
+        if result["rc"] == 0 and shape_name == "8b" and label.startswith("int4"):
             gen = timed([str(Path(sys.executable).parent / "dflash-generate"), "--model", str(out), "--raw",
                          "--max-new-tokens", "8", "--json", "the cat sat on the mat"])
-            record({"shape": shape_name, "export": "int4: generate 8 tokens", "options": "dflash-generate", **gen})
+            record({"shape": shape_name, "export": f"{label}: generate 8 tokens", "options": "dflash-generate", **gen})
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     if not args.no_depth and (not args.only or "8b" in args.only):

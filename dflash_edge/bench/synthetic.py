@@ -94,36 +94,12 @@ def save_random_drafter(folder: Path, target_folder: Path, block_size: int = 16,
     return folder
 
 
-def write_checkpoint(folder: Path, shape: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                     shard_bytes: int = 4 * 1024**3, std: float = 0.02) -> Path:
-    """A random Llama checkpoint of any size, written tensor by tensor (never more than one in memory):
-    config.json, sharded *.safetensors with their index, and a tokenizer of the shape's vocabulary.
-    shape: LlamaConfig fields (vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads...)."""
+def write_safetensors(folder: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype = torch.bfloat16,
+                      seed: int = 0, shard_bytes: int = 4 * 1024**3, std: float = 0.02) -> None:
+    """Random tensors of the given names and shapes as sharded *.safetensors with their index, written one
+    tensor at a time: norms (1-D) near one, each different, matrices normal(0, std)."""
     import json
 
-    from transformers import LlamaConfig
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(shape["vocab_size"])
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(**{"max_position_embeddings": 131072, "rope_theta": 500000.0, **shape},
-                         eos_token_id=eos, bos_token_id=1, pad_token_id=2,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    head_dim = h // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    tensors = [("model.embed_tokens.weight", (v, h))]
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        tensors += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
-                    (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
-                    (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
-                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                    (p + "mlp.down_proj.weight", (h, i))]
-    tensors.append(("model.norm.weight", (h,)))
-    if not config.tie_word_embeddings:
-        tensors.append(("lm_head.weight", (v, h)))
     size = torch.tensor([], dtype=dtype).element_size()
     shards, current, total = [], [], 0
     for name, dims in tensors:  # greedy shards of about shard_bytes
@@ -158,6 +134,57 @@ def write_checkpoint(folder: Path, shape: dict, dtype: torch.dtype = torch.bfloa
                 del t
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+
+
+def write_drafter_checkpoint(folder: Path, target_folder: Path, layers: int = 5, block_size: int = 16,
+                             dtype: torch.dtype = torch.bfloat16, seed: int = 1) -> Path:
+    """A random DFlash drafter for the target in target_folder, z-lab's shape (its width, `layers` layers:
+    5 at Llama-3.1-8B's width is about 1.1 B parameters), written tensor by tensor."""
+    import json
+
+    from transformers import AutoConfig
+
+    from ..export.drafter import config_for_target, drafter_parameter_shapes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = AutoConfig.from_pretrained(target_folder)
+    config = config_for_target(target, num_layers=layers, block_size=block_size, mask_token_id=3)  # <|mask|>
+    write_safetensors(folder, list(drafter_parameter_shapes(config).items()), dtype, seed)
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return folder
+
+
+def write_checkpoint(folder: Path, shape: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                     shard_bytes: int = 4 * 1024**3, std: float = 0.02) -> Path:
+    """A random Llama checkpoint of any size, written tensor by tensor (never more than one in memory):
+    config.json, sharded *.safetensors with their index, and a tokenizer of the shape's vocabulary.
+    shape: LlamaConfig fields (vocab_size, hidden_size, intermediate_size, num_hidden_layers, heads...)."""
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(shape["vocab_size"])
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(**{"max_position_embeddings": 131072, "rope_theta": 500000.0, **shape},
+                         eos_token_id=eos, bos_token_id=1, pad_token_id=2,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    tensors = [("model.embed_tokens.weight", (v, h))]
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        tensors += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                    (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                    (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
+                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                    (p + "mlp.down_proj.weight", (h, i))]
+    tensors.append(("model.norm.weight", (h,)))
+    if not config.tie_word_embeddings:
+        tensors.append(("lm_head.weight", (v, h)))
+    write_safetensors(folder, tensors, dtype, seed, shard_bytes, std)
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

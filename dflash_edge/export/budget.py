@@ -31,16 +31,23 @@ class Estimate:
 
 
 def estimate(shape: Shape, dtype: str, quantize: str | None, streamed: bool, validate_layers: int,
-             drafter_params: int = 0) -> Estimate:
-    """validate_layers: 0 when the whole model is validated in memory, else how many first layers are."""
+             drafter_params: int = 0, drafter_checked: int = 0) -> Estimate:
+    """validate_layers: 0 when the whole model is validated in memory, else how many first layers are.
+    drafter_params: the drafter's own; drafter_checked: how many of them its validation holds in memory
+    (all of them for a small drafter, its first layer for a large one)."""
     per_weight = QUANT_BYTES[quantize] if quantize else WEIGHT_BYTES[dtype]
-    # The embedding and LM head stay in the export dtype (fp32 for the quantized ONNX Runtime kinds).
+    # The embedding and LM head stay in the export dtype (fp32 for the quantized ONNX Runtime kinds); a
+    # drafter gets its own copy of them in the shared file, the one the runtime maps.
     vocab_bytes = shape.vocab_params() * (WEIGHT_BYTES[dtype] if dtype != "fp32" or not quantize else 4)
-    disk = shape.layers * shape.layer_params() * per_weight + vocab_bytes + drafter_params * WEIGHT_BYTES[dtype]
-    # A drafter is loaded whole in fp32, next to the target's embedding and head for its trace.
-    drafter = drafter_params * 4 * 2 + (shape.vocab_params() * 4 if drafter_params else 0)
+    disk = (shape.layers * shape.layer_params() * per_weight + vocab_bytes
+            + (drafter_params * WEIGHT_BYTES[dtype] + vocab_bytes if drafter_params else 0))
+    # The drafter streams like the target; its check holds the checked part three times in fp32 (our module,
+    # its cast, the graph) and, checked whole, the vocabulary matrices in fp32.
+    drafter = (STREAM_BASE + drafter_checked * 4 * 3 + shape.vocab_params() * 4 * (drafter_checked == drafter_params)
+               if drafter_params else 0)
     if not streamed:
-        return Estimate(shape.params() * LOADED_BYTES_PER_PARAM + drafter, disk, "loading the model through transformers")
+        loaded = shape.params() * LOADED_BYTES_PER_PARAM
+        return Estimate(max(loaded, drafter), disk, "loading the model through transformers")
     # The checkpoint tensor, its fp32 copy, and the quantizer's buffers.
     writing = STREAM_BASE + shape.largest_tensor() * (2 + 4 + 4)
     if validate_layers:
@@ -48,9 +55,9 @@ def estimate(shape: Shape, dtype: str, quantize: str | None, streamed: bool, val
         checking = STREAM_BASE + validate_layers * shape.layer_params() * 4 * 3
     else:
         checking = STREAM_BASE + shape.params() * (4 + 4 + WEIGHT_BYTES[dtype])
-    return Estimate(max(writing, checking) + drafter, disk,
-                    "validating the whole model in memory" if not validate_layers and checking > writing else
-                    "streaming the weights")
+    how = ("validating the whole model in memory" if not validate_layers and checking > max(writing, drafter) else
+           "validating the drafter in memory" if drafter > max(writing, checking) else "streaming the weights")
+    return Estimate(max(writing, checking, drafter), disk, how)
 
 
 def available_memory() -> float:

@@ -299,10 +299,8 @@ class DFlashDrafter(nn.Module):
         return self.logits(self.block_hidden(self.embed(block_ids), block_positions, context))
 
 
-def load_drafter(path: str | Path) -> DFlashDrafter:
-    """Load a z-lab checkpoint folder (config.json + *.safetensors)."""
-    from safetensors.torch import load_file
-
+def read_drafter_config(path: str | Path) -> DrafterConfig:
+    """The config of a z-lab checkpoint folder (config.json + *.safetensors), its weights unread."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -312,28 +310,49 @@ def load_drafter(path: str | Path) -> DFlashDrafter:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_file} is not valid JSON ({e})") from None
     config = DrafterConfig.from_dict(raw, str(cfg_file))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not any(path.glob("*.safetensors")):
         raise UserError(f"{path} has no *.safetensors weights")
+    return config
+
+
+def drafter_parameter_shapes(config: DrafterConfig) -> dict[str, tuple[int, ...]]:
+    """{checkpoint name: shape} of the drafter's own weights, from its config alone."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in DFlashDrafter(config).state_dict().items()}
+
+
+def check_drafter_weights(path: Path | str, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint whose tensors are not the config's (names without z-lab's optional model.)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the DFlash layout "
+                        f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    for k, shape in found.items():
+        if tuple(shape) != expected[k]:
+            raise UserError(f"{path}: {k} has shape {tuple(shape)}, config says {expected[k]}")
+
+
+SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
+
+
+def load_drafter(path: str | Path) -> DFlashDrafter:
+    """Load a z-lab checkpoint folder (config.json + *.safetensors) whole, in fp32."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config = read_drafter_config(path)
     state = {}
-    for f in files:
+    for f in sorted(path.glob("*.safetensors")):
         try:
             state.update(load_file(str(f)))
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise UserError(f"cannot read {f}: {e}") from None
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    for shared in ("embed_tokens.weight", "lm_head.weight"):
+    for shared in SHARED_WITH_TARGET:
         state.pop(shared, None)
+    check_drafter_weights(path, drafter_parameter_shapes(config), {k: tuple(v.shape) for k, v in state.items()})
     model = DFlashDrafter(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the DFlash layout "
-                        f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +21,14 @@ from .. import __version__
 from ..errors import UserError
 from ..manifest import write_manifest
 from .devices import apply_preset
-from .drafter import DRAFT_VOCAB_FILE, DFlashDrafter, default_tap_layer_ids, load_drafter, read_draft_vocab
+from .drafter import (DRAFT_VOCAB_FILE, DrafterConfig, default_tap_layer_ids, drafter_parameter_shapes, load_drafter,
+                      read_draft_vocab, read_drafter_config)
 from .budget import Shape, check_fits, estimate
 from .modeling import DecoderSpec, load_target_from_hf
 from .quantize import QUANTIZE, ROUNDS_ACTIVATIONS
-from .sources import load_hf, read_hf, resolve_drafter, resolve_model, streams
+from .sources import load_hf, open_weights, read_hf, resolve_drafter, resolve_model, streams
 from .validate import validate_target
-from .validate_layers import FIRST_LAYERS, check_first_layers, check_structure
+from .validate_layers import FIRST_LAYERS, check_drafter_first_layer, check_first_layers, check_structure
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
@@ -78,9 +81,8 @@ def parse_layers(text: str | None) -> list[int] | None:
     return ids
 
 
-def check_fit(drafter: DFlashDrafter, config, tap_ids: list[int]) -> None:
+def check_fit(c: DrafterConfig, config, tap_ids: list[int]) -> None:
     """Refuse a drafter built for another target, naming the mismatch."""
-    c = drafter.config
     problems = []
     if c.hidden_size != config.hidden_size:
         problems.append(f"hidden size {c.hidden_size} vs the target's {config.hidden_size}")
@@ -168,8 +170,8 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
         drafter = str(source.shipped_drafter)
         log(f"using the drafter shipped for {model} ({drafter}); --no-drafter exports the target alone")
     drafter_path = resolve_drafter(drafter, source) if drafter else None
-    drafter_model = load_drafter(drafter_path) if drafter_path else None
-    if draft_vocab and not drafter_model:
+    drafter_config = read_drafter_config(drafter_path) if drafter_path else None
+    if draft_vocab and not drafter_config:
         raise UserError("--draft-vocab needs a drafter")
     tap_ids = parse_layers(layers)
     out = Path(output or Path("exports") / Path(model).stem).expanduser().resolve()
@@ -191,29 +193,37 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
     # int8-tokens moves activation outliers into the weights from a calibration run of the whole model.
     streamed = streams(source) and quantize != "int8-tokens"
     if not streamed and dtype == "bf16":
-        raise UserError("--dtype bf16 streams the weights from a safetensors folder; "
+        raise UserError("--dtype bf16 streams the weights from a safetensors folder or a GGUF file; "
                         f"{source.describe()} is not one" + (" (int8-tokens loads the whole model)" if quantize else ""))
     if validate == "auto":
         validate = "full" if not streamed or shape.params() <= FULL_VALIDATION_MAX_PARAMS else "layers"
     elif validate == "layers" and not streamed:
-        raise UserError("--validate layers needs a streamed export (a safetensors folder, not int8-tokens)")
+        raise UserError("--validate layers needs a streamed export (a safetensors folder or a GGUF file, "
+                        "not int8-tokens)")
     if dtype not in RUNS_ON_CPU:
         validate = "layers"
         log(f"      note: {dtype} graphs run on CUDA and TensorRT; ONNX Runtime's CPU provider has no {dtype} "
             f"kernels (fp32, int8-tokens and int4 run fast there), so the trace is validated at fp32")
-    drafter_params = sum(p.numel() for p in drafter_model.parameters()) if drafter_model else 0
-    need = estimate(shape, dtype, quantize, streamed, FIRST_LAYERS if validate == "layers" else 0, drafter_params)
-    check_fits(need, out, "--quantize int4 or a safetensors folder (streamed) lowers it" if not streamed else
+    drafter_shapes = drafter_parameter_shapes(drafter_config) if drafter_config else {}
+    drafter_params = sum(math.prod(s) for s in drafter_shapes.values())
+    # Drafters stream too; one is validated whole in memory when small and when the CPU runs the dtype,
+    # else on its first layer.
+    drafter_check = "full" if drafter_params <= FULL_VALIDATION_MAX_PARAMS and dtype in RUNS_ON_CPU else "layer"
+    first_layer = sum(math.prod(s) for name, s in drafter_shapes.items()
+                      if not name.startswith("layers.") or name.startswith("layers.0."))
+    need = estimate(shape, dtype, quantize, streamed, FIRST_LAYERS if validate == "layers" else 0, drafter_params,
+                    drafter_params if drafter_check == "full" else first_layer)
+    check_fits(need, out, "--quantize int4 or safetensors weights (streamed) lower it" if not streamed else
                "--validate layers lowers it" if validate == "full" else "export on a machine with more memory")
     if tap_ids is None:
-        tap_ids = drafter_model.config.target_layer_ids if drafter_model else default_tap_layer_ids(
+        tap_ids = drafter_config.target_layer_ids if drafter_config else default_tap_layer_ids(
             config.num_hidden_layers)
     bad = [i for i in tap_ids if not 0 <= i < config.num_hidden_layers]
     if bad:
         raise UserError(f"--layers {bad} outside the target's {config.num_hidden_layers} layers (0-based)")
     vocab_ids = None
-    if drafter_model:
-        check_fit(drafter_model, config, tap_ids)
+    if drafter_config:
+        check_fit(drafter_config, config, tap_ids)
         vocab_ids = pick_draft_vocab(drafter_path, config.vocab_size, draft_vocab, log)
     chat = derive_chat(tokenizer, family, log)
     stops = stop_ids(config, tokenizer, chat, generation)
@@ -222,10 +232,10 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    steps = Progress((4 if streamed else 5) + (1 if drafter_model else 0), log)
+    steps = Progress((4 if streamed else 5) + (1 if drafter_config else 0), log)
     try:
-        options = Options(dtype, quantize, variant, validate, streamed, tap_ids, vocab_ids)
-        manifest = _build(tmp, source, config, tokenizer, generation, family, drafter_model, chat, stops, options,
+        options = Options(dtype, quantize, variant, validate, streamed, tap_ids, vocab_ids, drafter_path, drafter_check)
+        manifest = _build(tmp, source, config, tokenizer, generation, family, drafter_config, chat, stops, options,
                           steps, log)
         steps.finish()
         write_manifest(tmp, manifest)
@@ -283,12 +293,15 @@ class Options:
     streamed: bool
     tap_ids: list[int]
     vocab_ids: list[int] | None
+    drafter_path: Path | None = None
+    drafter_validate: str = "full"  # full (loaded whole) or layer (its first layer, validate_layers.py)
 
 
-def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafter_model, chat, stops,
+def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafter_config, chat, stops,
            o: Options, steps, log) -> dict:
     from . import trace
     from .shared import share_weights
+    from .streaming_drafter import export_drafter_streamed
     from .validate import Report, check_standard_ops, validate_drafter
 
     report = Report(TOLERANCE[o.dtype])
@@ -297,17 +310,17 @@ def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafte
     else:
         target_io, target = _trace_target(tmp, source, config, tokenizer, family, o, report, steps, log)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    # Read only for a drafter: at 8B they are 4.2 GB in fp32.
-    embed, head = _vocab_matrices(source, target, tied, DTYPES[o.dtype]) if drafter_model else (None, None)
     graphs = ["target.onnx"]
-    shared_names = ["embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
-    drafter_entry = None
-    if drafter_model:
-        c = drafter_model.config
-        steps(f"tracing the drafter ({c.num_hidden_layers} layers, block {c.block_size})")
-        drafter_model = drafter_model.to(DTYPES[o.dtype])
-        io = trace.export_drafter(drafter_model, embed, head, tied, tmp / "drafter_context.onnx",
-                                  tmp / "drafter_block.onnx", o.vocab_ids)
+    # What the drafter's block graph reads of the target's (a reduced draft vocabulary has its own head rows).
+    shared_names = ["embed_tokens.weight"] + ([] if tied or o.vocab_ids else ["lm_head.weight"])
+    drafter_entry = weights = None
+    if drafter_config:
+        c = drafter_config
+        steps(f"tracing the drafter without weights, streaming them ({c.num_hidden_layers} layers, "
+              f"block {c.block_size})")
+        weights = _drafter_weights(o.drafter_path, open_weights(source, config, family), target, tied)
+        with _bar("drafter weights") as progress:
+            io = export_drafter_streamed(c, weights, DTYPES[o.dtype], tmp, o.vocab_ids, progress)
         graphs.append("drafter_block.onnx")
         drafter_entry = {
             "block_size": c.block_size, "mask_token_id": c.mask_token_id,
@@ -324,7 +337,7 @@ def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafte
     # Only the drafter's graph names them so: the target's trace calls them target.embed_tokens.weight
     # (BufferedTarget's attribute) and keeps its own copy, which a decode step reads 5 % faster than the
     # shared, memory-mapped one (SmolLM2 on 2 AVX2 cores, side by side in both orders).
-    shared = share_weights(tmp, graphs, shared_names) if drafter_model else None
+    shared = share_weights(tmp, graphs, shared_names) if drafter_config else None
 
     spec = DecoderSpec.from_hf_config(config, qk_norm=family == "qwen3")
     manifest = {
@@ -343,7 +356,7 @@ def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafte
         "stop_token_ids": stops,
     }
 
-    rows = drafter_model.config.block_size if drafter_model else 16  # the largest verify the runtime runs
+    rows = drafter_config.block_size if drafter_config else 16  # the largest verify the runtime runs
     if o.validate == "full":
         steps("validating the graphs against PyTorch (random inputs)")
         if o.quantize:
@@ -354,15 +367,20 @@ def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafte
     else:
         steps(f"validating the first {FIRST_LAYERS} layers against PyTorch and the whole graph's structure")
         check_dtype = o.dtype if o.dtype in RUNS_ON_CPU else "fp32"
-        check_first_layers(config, source.path, family, DTYPES[check_dtype],
+        check_first_layers(config, open_weights(source, config, family), family, DTYPES[check_dtype],
                            f"first {FIRST_LAYERS} layers ({check_dtype})", o.quantize in ROUNDS_ACTIVATIONS,
                            report, verify_rows=rows)
         check_structure(tmp / "target.onnx", report, "target")
-    del target
-    if drafter_model and o.dtype in RUNS_ON_CPU:
-        validate_drafter(tmp, manifest, drafter_model, embed, head, report, vocab_ids=o.vocab_ids)
-    elif drafter_model:
-        report.check("drafter", "numbers", True, f"not run: ONNX Runtime's CPU provider has no {o.dtype} kernels")
+    if drafter_config and o.drafter_validate == "full":
+        embed, head = _vocab_matrices(open_weights(source, config, family), target, tied, DTYPES[o.dtype])
+        validate_drafter(tmp, manifest, load_drafter(o.drafter_path).to(DTYPES[o.dtype]), embed, head, report,
+                         vocab_ids=o.vocab_ids)
+    elif drafter_config:
+        check_dtype = o.dtype if o.dtype in RUNS_ON_CPU else "fp32"
+        check_drafter_first_layer(drafter_config, weights, DTYPES[check_dtype], report)
+        for graph in ("drafter_context", "drafter_block"):
+            check_structure(tmp / f"{graph}.onnx", report, graph)
+    del target, weights
     if o.variant == "tensorrt":
         check_standard_ops(tmp, [manifest["target"]["graph"]] + (
             [drafter_entry["context_graph"], drafter_entry["block_graph"]] if drafter_entry else []), report)
@@ -427,20 +445,15 @@ def _trace_target(tmp: Path, source, config, tokenizer, family: str, o: Options,
 def _stream_target(tmp: Path, source, config, family: str, o: Options, report, steps, log):
     """The target traced without weights, its weights streamed from the checkpoint (streaming.py). Returns
     the module too when the whole model is to be validated in memory."""
-    from tqdm import tqdm
-
     from .streaming import export_target_streamed
 
     steps(f"tracing target.onnx without weights, streaming them ({config.num_hidden_layers} layers, {o.dtype}, "
           f"taps {o.tap_ids})")
-    with tqdm(desc="      weights", unit=" tensors", disable=None, leave=False) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    with _bar("weights") as progress:
         target_io = export_target_streamed(config, source.path, o.tap_ids, family == "qwen3", DTYPES[o.dtype],
                                            tmp / "target.onnx", exact_rows=o.quantize in ROUNDS_ACTIVATIONS,
                                            quantize=o.quantize, standard_ops=o.variant == "tensorrt",
-                                           progress=progress)
+                                           source=open_weights(source, config, family), progress=progress)
     n = target_io.pop("quantized")
     if o.quantize:
         _log_quantized(n, o, log)
@@ -455,18 +468,39 @@ def _stream_target(tmp: Path, source, config, family: str, o: Options, report, s
     if o.quantize:
         # The quantized graph is reported, not judged (QUANT_TOLERANCE); the same trace unquantized is held
         # to the export dtype's tolerance on the first layers.
-        check_first_layers(config, source.path, family, DTYPES[o.dtype], f"first {FIRST_LAYERS} layers ({o.dtype})",
+        check_first_layers(config, open_weights(source, config, family), family, DTYPES[o.dtype],
+                           f"first {FIRST_LAYERS} layers ({o.dtype})",
                            o.quantize in ROUNDS_ACTIVATIONS, report, verify_rows=16)
     return target_io, target.to(DTYPES[o.dtype])
 
 
-def _vocab_matrices(source, target, tied: bool, dtype: torch.dtype):
-    """The embedding and LM head for the drafter's graph: the module's, or read from the checkpoint."""
+def _drafter_weights(drafter_path: Path, target_weights, target, tied: bool):
+    """The drafter's checkpoint, and the target's vocabulary matrices: the module's when it was loaded,
+    else read from the target's checkpoint (target_weights, sources.open_weights)."""
+    from .streaming import SafetensorsSource, TensorSource
+    from .streaming_drafter import EMBED, HEAD, DrafterWeights
+
+    if target is not None:
+        target_weights = TensorSource({EMBED: target.embed_tokens.weight, HEAD: target.head_weight()})
+    return DrafterWeights(SafetensorsSource(drafter_path), target_weights, tied, label=str(drafter_path))
+
+
+@contextmanager
+def _bar(what: str):
+    """A tqdm bar for a streamed write; yields the progress callback (done, total)."""
+    from tqdm import tqdm
+
+    with tqdm(desc=f"      {what}", unit=" tensors", disable=None, leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        yield progress
+
+
+def _vocab_matrices(weights, target, tied: bool, dtype: torch.dtype):
+    """The embedding and LM head for the drafter's check: the module's, or read from the checkpoint."""
     if target is not None:
         return target.embed_tokens.weight, target.head_weight()
-    from .streaming import SafetensorsSource
-
-    weights = SafetensorsSource(source.path)
     embed = weights.get("model.embed_tokens.weight").to(dtype)
     return embed, embed if tied else weights.get("lm_head.weight").to(dtype)
 

@@ -170,8 +170,19 @@ def read_hf(source: ModelSource, log=print):
 
 
 def streams(source: ModelSource) -> bool:
-    """Whether the target's weights can be streamed tensor by tensor (a safetensors folder)."""
-    return source.gguf_file is None and any(source.path.glob("*.safetensors"))
+    """Whether the target's weights can be streamed tensor by tensor (a safetensors folder or a GGUF file)."""
+    return source.gguf_file is not None or any(source.path.glob("*.safetensors"))
+
+
+def open_weights(source: ModelSource, config, family: str):
+    """The target's tensors, each read when asked for, in Hugging Face's names (streaming.py's sources)."""
+    if source.gguf_file:
+        from .gguf_source import GGUFSource
+
+        return GGUFSource(source.path / source.gguf_file, config, family)
+    from .streaming import SafetensorsSource
+
+    return SafetensorsSource(source.path)
 
 
 def load_hf(source: ModelSource, log=print):

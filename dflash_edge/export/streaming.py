@@ -11,6 +11,7 @@ so peak memory is about the largest tensor, whatever the depth.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -24,6 +25,7 @@ import torch
 
 from ..errors import UserError
 from .modeling import BufferedTarget, DecoderSpec, Rotary, TargetModel
+from .trace import OPSET
 
 ALIGNMENT = 4096  # bytes; each tensor starts on a page, so ONNX Runtime can map it in place
 
@@ -38,6 +40,8 @@ class Planned:
     scales: str | None = None    # with bits: the initializer of the blocks' scales
     standard_ops: bool = False   # with bits: DequantizeLinear's layout, else MatMulNBits'
     shape: tuple[int, ...] = ()  # with bits: the weight's [K, N] (the initializer's shape is the packing's)
+    dtype: torch.dtype | None = None   # written in this dtype rather than the export's (a Cast folded in)
+    rows: tuple[int, ...] | None = None  # only these rows of the source tensor (a reduced draft vocabulary)
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -70,6 +74,9 @@ class SafetensorsSource:
     def names(self) -> set[str]:
         return set(self._where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][4])
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UserError(f"the checkpoint has no tensor {name!r}")
@@ -94,6 +101,13 @@ def rotary_for(config) -> Rotary:
     return Rotary(hf_rotary.inv_freq, getattr(hf_rotary, "attention_scaling", 1.0))
 
 
+def _cast_dtypes():
+    import onnx_ir as ir
+
+    return {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16}
+
+
+CAST_DTYPES = _cast_dtypes()
 PLACEHOLDER_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
@@ -110,6 +124,11 @@ def skeleton(config, tap_layer_ids: list[int], qk_norm: bool, dtype: torch.dtype
     with torch.device("meta"):
         model = TargetModel(spec, config.vocab_size, Rotary(torch.ones(spec.head_dim // 2)), tap_layer_ids, tied)
     model.rotary = rotary_for(config)
+    return fill_placeholders(model, dtype)
+
+
+def fill_placeholders(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every parameter of `model` (on the meta device) made a zero-stride placeholder of its shape."""
     count = 0
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -122,6 +141,22 @@ def skeleton(config, tap_layer_ids: list[int], qk_norm: bool, dtype: torch.dtype
     return model.eval()
 
 
+class TensorSource:
+    """Tensors already in memory, seen as a checkpoint (a target loaded whole, a view of some rows)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
 def source_name(graph_name: str) -> str:
     """target.layers.0.mlp.up_proj.weight -> model.layers.0.mlp.up_proj.weight (lm_head stays at the top)."""
     name = graph_name.removeprefix("target.")
@@ -131,52 +166,77 @@ def source_name(graph_name: str) -> str:
 def trace_weightless(model: TargetModel, exact_rows: bool):
     """The target graph (onnx_ir) with placeholder weights, weight transposes recorded, then optimized
     without ever computing with a weight. Returns (model, {initializer name: Planned})."""
-    import onnx_ir as ir
-    import onnxscript.optimizer
-
     from . import trace
 
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    for name in ("onnxscript", "onnx_ir"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     inputs, outputs = trace.target_io_names(model.spec.num_layers)
     seq, slots, kept = torch.export.Dim("seq"), torch.export.Dim("slots"), torch.export.Dim("kept")
     shapes = [{1: seq}, {1: seq}, {0: kept},
               tuple(axes for _ in range(model.spec.num_layers) for axes in ({2: slots}, {3: slots}))]
     product = trace.values_product_onnx if exact_rows else trace.values_product_plain
+    sources = {f"target.{n}": Planned(source_name(f"target.{n}")) for n, _ in model.named_parameters()}
+    return trace_planned(BufferedTarget(model), trace._example_target_inputs(model), inputs, outputs, shapes,
+                         sources, {torch.ops.dflash_edge.values_product.default: product})
+
+
+def trace_planned(module, args, input_names, output_names, dynamic_shapes, plans: dict, translations=None):
+    """Trace `module` (placeholder parameters) and optimize its graph without computing with a weight.
+
+    plans: {graph initializer name: Planned} for the parameters to stream. The optimizer would fold a
+    Transpose or Cast of a weight into a new constant, which materialises it; here such a node goes and its
+    Planned records it (the weight is written transposed, or in the Cast's dtype). Returns (onnx_ir model,
+    {initializer name: Planned}) for the initializers the optimized graph keeps."""
+    import onnxscript.optimizer
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            BufferedTarget(model), trace._example_target_inputs(model), dynamo=True, opset_version=trace.OPSET,
-            input_names=inputs, output_names=outputs, dynamic_shapes=tuple(shapes), optimize=False,
-            verbose=False, custom_translation_table={torch.ops.dflash_edge.values_product.default: product})
+            module, args, dynamo=True, opset_version=OPSET, input_names=input_names, output_names=output_names,
+            dynamic_shapes=tuple(dynamic_shapes), optimize=False, verbose=False,
+            custom_translation_table=translations)
     onnx_model = program.model
     graph = onnx_model.graph
-    params = {f"target.{n}" for n, _ in model.named_parameters()}
-    weights = {name: Planned(source_name(name)) for name in graph.initializers if name in params}
-    for node in list(graph):
-        value = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
-        perm = node.attributes.get("perm")
-        if (value is None or value.name not in weights or len(value.uses()) != 1
-                or perm is None or list(perm.as_ints()) != [1, 0]):
+    weights = {name: plans[name] for name in graph.initializers if name in plans}
+    for node in list(graph):  # topological: a Cast's output, once planned, is seen by the Transpose after it
+        value = node.inputs[0] if node.op_type in ("Transpose", "Cast") and node.inputs else None
+        if value is None or value.name not in weights or len(value.uses()) != 1:
             continue
-        # The weight is written transposed; the node's consumers read it directly.
-        rows, cols = value.shape
-        planned = weights.pop(value.name)
-        flipped = ir.Value(name=f"{value.name}.T", shape=ir.Shape([cols, rows]), type=value.type,
-                           const_value=ir.tensor(np.broadcast_to(np.zeros(1, value.type.dtype.numpy()), (cols, rows)),
-                                                 name=f"{value.name}.T"))
-        graph.register_initializer(flipped)
-        node.outputs[0].replace_all_uses_with(flipped)
-        graph.remove(node, safe=True)
-        graph.initializers.pop(value.name)
-        weights[flipped.name] = Planned(planned.source, transposed=True)
+        planned = weights[value.name]
+        if node.op_type == "Transpose":
+            perm = node.attributes.get("perm")
+            if perm is None or list(perm.as_ints()) != [1, 0] or planned.transposed:
+                continue
+            name, shape, dtype = f"{value.name}.T", [value.shape[1], value.shape[0]], value.type.dtype
+            changed = dataclasses.replace(planned, transposed=True)
+        else:
+            to = node.outputs[0].type.dtype
+            if to not in CAST_DTYPES:
+                continue
+            name, shape, dtype = f"{value.name}.{to.name.lower()}", list(value.shape), to
+            changed = dataclasses.replace(planned, dtype=CAST_DTYPES[to])
+        weights[_replace_with_initializer(graph, node, value, name, shape, dtype)] = changed
+        del weights[value.name]
 
     def should_fold(node):
         return False if any(v is not None and v.name in weights for v in node.inputs) else None
 
     onnxscript.optimizer.optimize_ir(onnx_model, should_fold=should_fold)
     return onnx_model, {name: weights[name] for name in onnx_model.graph.initializers if name in weights}
+
+
+def _replace_with_initializer(graph, node, value, name: str, shape: list[int], dtype) -> str:
+    """Replace `node` (fed only by the initializer `value`) with a new placeholder initializer."""
+    import onnx_ir as ir
+
+    new = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype),
+                   const_value=ir.tensor(np.broadcast_to(np.zeros(1, dtype.numpy()), shape), name=name))
+    graph.register_initializer(new)
+    node.outputs[0].replace_all_uses_with(new)
+    graph.remove(node, safe=True)
+    graph.initializers.pop(value.name)
+    return name
 
 
 def quantize_products(onnx_model, weights: dict, kind: str, standard_ops: bool) -> int:
@@ -265,46 +325,56 @@ def block_quantize(w: np.ndarray, bits: int, standard_ops: bool) -> tuple[np.nda
 
 
 def write_streamed(onnx_model, weights: dict, source, path: Path, dtype: torch.dtype,
-                   progress: Callable[[int, int], None] | None = None) -> None:
-    """Append every weight to path's external-data file, one tensor at a time, then save the graph."""
+                   progress: Callable[[int, int], None] | None = None, elsewhere: dict[str, str] | None = None) -> None:
+    """Append every weight to path's external-data file, one tensor at a time, then save the graph.
+    elsewhere: {initializer name: data file} for weights that go to another file of the folder (the
+    embedding and LM head the drafter shares with the runtime)."""
     import onnx_ir as ir
 
-    data_name = path.name + ".data"
     graph = onnx_model.graph
-    offset = 0
+    files, offsets = {}, {}
 
-    def append(f, name: str, data: np.ndarray) -> None:
-        nonlocal offset
-        value = graph.initializers[name]
+    def append(name: str, data: np.ndarray) -> None:
+        data_name = (elsewhere or {}).get(name, path.name + ".data")
+        if data_name not in files:
+            files[data_name] = open(path.parent / data_name, "wb")
+            offsets[data_name] = 0
+        f, offset = files[data_name], offsets[data_name]
         pad = -offset % ALIGNMENT
         f.write(b"\0" * pad)
         offset += pad
         f.write(data.data if data.size else b"")
+        value = graph.initializers[name]
         value.const_value = ir.ExternalTensor(data_name, offset, data.nbytes, value.type.dtype,
                                               shape=value.shape, name=name, base_dir=path.parent)
-        offset += data.nbytes
+        offsets[data_name] = offset + data.nbytes
 
-    with open(path.parent / data_name, "wb") as f:
+    try:
         for i, (name, planned) in enumerate(weights.items()):
             tensor = source.get(planned.source)
+            if planned.rows is not None:
+                tensor = tensor[list(planned.rows)]
             shape = tuple(reversed(tensor.shape)) if planned.transposed else tuple(tensor.shape)
             expected = planned.shape if planned.bits else tuple(graph.initializers[name].shape)
             if shape != expected:
                 raise UserError(f"{planned.source} has shape {tuple(tensor.shape)} in the checkpoint; the config "
                                 f"implies {tuple(reversed(expected)) if planned.transposed else expected}")
             # One buffer in the export dtype, filled by a single cast-and-transpose copy, written as it is.
-            out = torch.empty(shape, dtype=dtype)
+            out = torch.empty(shape, dtype=planned.dtype or dtype)
             out.copy_(tensor.t() if planned.transposed else tensor)
             del tensor
             if planned.bits:
                 packed, scales = block_quantize(out.numpy(), planned.bits, planned.standard_ops)
-                append(f, name, packed)
-                append(f, planned.scales, scales)
+                append(name, packed)
+                append(planned.scales, scales)
             else:
-                append(f, name, out.view(torch.uint8).numpy())
+                append(name, out.view(torch.uint8).numpy())
             del out
             if progress is not None:
                 progress(i + 1, len(weights))
+    finally:
+        for f in files.values():
+            f.close()
     ir.save(onnx_model, path)
 
 

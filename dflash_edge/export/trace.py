@@ -147,13 +147,15 @@ class DrafterBlockGraph(torch.nn.Module):
     The embedding and LM head are parameters named as in the target graph (embed_tokens.weight,
     lm_head.weight), so the runtime can hand both sessions one shared copy. With draft_vocab (target ids),
     the graph scores only those rows of the head (its own draft_head.weight) and maps the winner back
-    to a target id: reading the whole head is most of a small drafter's cost.
+    to a target id: reading the whole head is most of a small drafter's cost. with_logits: the logits as a
+    second output, for validation (the runtime's graph returns ids only).
     """
 
     def __init__(self, drafter, embed_weight: torch.Tensor, head_weight: torch.Tensor, tied: bool,
-                 draft_vocab: list[int] | None = None):
+                 draft_vocab: list[int] | None = None, with_logits: bool = False):
         super().__init__()
         self.drafter = drafter
+        self.with_logits = with_logits
         self.embed_tokens = torch.nn.Embedding.from_pretrained(embed_weight.detach().clone(), freeze=True)
         self.tied = tied
         self.reduced = draft_vocab is not None
@@ -171,10 +173,10 @@ class DrafterBlockGraph(torch.nn.Module):
         if d.config.input_embedding_scale != 1.0:
             x = x * d.config.input_embedding_scale
         hidden = d.block_hidden_in_buffer(x.to(d.fc.weight.dtype), position_ids, list(past_context))
-        if self.reduced:
-            return self.draft_to_target[d.logits(hidden[:, 1:], self.draft_head).argmax(-1)]
-        head = self.embed_tokens.weight if self.tied else self.lm_head.weight
-        return d.logits(hidden[:, 1:], head).argmax(-1)
+        head = self.draft_head if self.reduced else self.embed_tokens.weight if self.tied else self.lm_head.weight
+        logits = d.logits(hidden[:, 1:], head)
+        ids = self.draft_to_target[logits.argmax(-1)] if self.reduced else logits.argmax(-1)
+        return (ids, logits) if self.with_logits else ids
 
 
 def drafter_io_names(num_layers: int) -> dict:
