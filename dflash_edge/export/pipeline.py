@@ -405,7 +405,9 @@ def _build(tmp: Path, source, config, tokenizer, generation, family: str, drafte
         "exporter": "torch.onnx.export(dynamo=True)" + (", weights streamed" if o.streamed else ""),
         "validation": report.as_dict(),
         "validated": ("the whole model against PyTorch on random inputs" if o.validate == "full" else
-                      f"the first {FIRST_LAYERS} layers against PyTorch; the whole graph's structure"),
+                      f"the first {FIRST_LAYERS} layers against PyTorch; the whole graph's structure") + (
+            "" if not drafter_config else "; the drafter whole" if o.drafter_validate == "full" else
+            "; the drafter's first layer and both its graphs' structure"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return manifest
