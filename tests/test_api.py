@@ -25,14 +25,21 @@ def test_stream_yields_the_text_generate_returns(app_model):
 
 
 def test_cancel_from_another_thread_stops_after_the_current_round(app_model):
-    started = threading.Event()
-    gen = app_model.stream("the cat sat", max_new_tokens=400, block_size=1, on_text=lambda _: started.set())
+    """The worker is held inside its first round's callback until the main thread has cancelled, so the
+    generation cannot finish first (a race the old version of this test allowed for)."""
+    started, cancelled = threading.Event(), threading.Event()
+
+    def hold(_):
+        started.set()
+        assert cancelled.wait(30)
+
+    gen = app_model.stream("the cat sat", max_new_tokens=400, block_size=1, on_text=hold)
     assert started.wait(30)
     gen.cancel()
+    cancelled.set()
     result = gen.result(timeout=30)
-    assert result.stats.finish_reason in ("cancelled", "stop")
-    if result.stats.finish_reason == "cancelled":
-        assert 1 <= len(result.token_ids) < 400
+    assert result.stats.finish_reason == "cancelled"
+    assert 1 <= len(result.token_ids) <= 2  # the round under way, at most one more piece's worth
 
 
 def test_cancel_inside_the_callback_is_deterministic(app_model):
@@ -43,10 +50,15 @@ def test_cancel_inside_the_callback_is_deterministic(app_model):
 
 
 def test_leaving_the_iterator_cancels_the_generation(app_model):
-    gen = app_model.stream("the cat sat", max_new_tokens=400, block_size=1)
+    """Breaking out of the loop closes the iterator (CPython does it when the loop lets go of it), which
+    cancels; the worker waits in its callback until then, so it cannot finish all 400 tokens first."""
+    released = threading.Event()
+    gen = app_model.stream("the cat sat", max_new_tokens=400, block_size=1, on_text=lambda _: released.wait(30))
     for _ in gen:
         break
-    assert gen.result(timeout=30).stats.finish_reason in ("cancelled", "stop")
+    released.set()
+    result = gen.result(timeout=30)
+    assert result.stats.finish_reason == "cancelled" and len(result.token_ids) < 400
 
 
 def test_concurrent_streams_do_not_mix(app_model):

@@ -277,3 +277,31 @@ def test_serve_bad_input(tiny_llama, broken):
         assert out.returncode == 2, (case, err)
         assert len(err.splitlines()) == 1 and "Traceback" not in err and expected in err, (case, err)
     taken.close()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_generate_compare_reports_a_differing_output_and_exits_1(tiny_llama, monkeypatch, capsys, as_json):
+    """Inject a changed token into the DFlash run only: --compare must say so and fail, not report identity."""
+    import dataclasses
+
+    from dflash_edge.runtime import api
+    from dflash_edge.runtime.cli import main
+
+    real = api.DFlashModel.generate
+
+    def altered(self, prompt, max_new_tokens=256, block_size=None, *args, **kwargs):
+        result = real(self, prompt, max_new_tokens, block_size, *args, **kwargs)
+        if block_size == 1 or max_new_tokens <= 2:  # plain decoding (and its warm-up) stay as they are
+            return result
+        ids = list(result.token_ids)
+        ids[3] = (ids[3] + 1) % 100
+        return dataclasses.replace(result, token_ids=ids)
+
+    monkeypatch.setattr(api.DFlashModel, "generate", altered)
+    argv = ["--model", str(tiny_llama[2]), "hello world", "--max-new-tokens", "12", "--compare"]
+    assert main(argv + (["--json"] if as_json else [])) == 1
+    captured = capsys.readouterr()
+    if as_json:
+        assert json.loads(captured.out)["plain"]["identical"] is False
+    else:
+        assert "OUTPUT DIFFERS" in captured.err and "identical output" not in captured.err

@@ -41,14 +41,22 @@ def test_graph_io_follows_the_llm_convention(tiny):
     assert "present.0.key" in outputs and "present.5.value" in outputs
 
 
-def test_vocab_matrices_are_stored_once(tiny):
+def test_the_drafter_reads_the_vocab_matrices_from_the_shared_file(tiny):
+    """The drafter's block graph names them as the shared file's index does and points at that file; the
+    target keeps its own copy under other names (target.*), which a decode step reads faster."""
     _, _, out = tiny
-    for name in ("target.onnx", "drafter_block.onnx"):
-        graph = onnx.load(str(out / name), load_external_data=False).graph
-        for t in graph.initializer:
-            if t.name in ("embed_tokens.weight", "lm_head.weight"):
-                location = {e.key: e.value for e in t.external_data}["location"]
-                assert location == "shared_weights.data"
+    manifest = json.loads((out / "dflash_edge.json").read_text())
+    index = manifest["shared_weights"]["tensors"]
+    tied = json.loads((out / "config.json").read_text()).get("tie_word_embeddings", False)
+    assert set(index) == {"embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
+    block = onnx.load(str(out / "drafter_block.onnx"), load_external_data=False).graph
+    found = {t.name: {e.key: e.value for e in t.external_data} for t in block.initializer if t.name in index}
+    assert set(found) == set(index)
+    for name, info in found.items():
+        assert info["location"] == "shared_weights.data" and int(info["offset"]) == index[name]["offset"]
+    target = onnx.load(str(out / "target.onnx"), load_external_data=False).graph
+    names = {t.name for t in target.initializer}
+    assert "target.embed_tokens.weight" in names and not names & set(index)
 
 
 def test_prefill_computes_logits_only_where_asked(tiny):
@@ -159,6 +167,25 @@ def test_chat_template_matches_transformers(tiny):
     assert model.tokenizer.encode(text) == tok(expected, add_special_tokens=False).input_ids
 
 
+def _accepting(model, ids, plain, block, wrong=0.25, seed=0):
+    """DFlash through the real drafter path, its drafts rewritten to plain decoding's continuation (each wrong
+    with probability `wrong`), so verifies commit their later rows too: a random drafter's drafts are almost
+    never accepted, which would leave only row 0 of each verify tested. Returns (tokens, rounds that
+    committed 3 or more tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = model.manifest["target"]["vocab_size"]
+
+    def rewrite(out, drafts):
+        truth = plain[len(out):len(out) + len(drafts)]
+        truth += [0] * (len(drafts) - len(truth))
+        return [t if rng.random() >= wrong else (t + 1) % vocab for t in truth]
+
+    got, stats = generate(model, ids, len(plain), block_size=block, rewrite_drafts=rewrite)
+    return got, sum(count for tokens, count in stats.acceptance.items() if tokens >= 3)
+
+
 def _export_variant(tmp_path, tiny_llama, **kwargs):
     from dflash_edge.export.pipeline import export
 
@@ -174,6 +201,8 @@ def test_fp16_export_is_lossless_against_its_own_plain_decoding(tmp_path, tiny_l
     ids = model.tokenizer.encode("the cat sat on the mat")
     plain, _ = generate(model, ids, 30, block_size=1)
     assert generate(model, ids, 30, block_size=8)[0] == plain
+    got, multi = _accepting(model, ids, plain, 8)
+    assert got == plain and multi >= 3
     reference = ExportedModel(tiny_llama[2], load_drafter=False)
     reference.stop_token_ids = set()
     # Random weights with sharp logits: fp16 keeps the greedy path of fp32 here.
@@ -246,6 +275,9 @@ def test_quantized_target_is_lossless_against_its_own_plain_decoding(tmp_path, t
     plain, _ = generate(model, ids, 30, block_size=1)
     for block in (4, 16, None):
         assert generate(model, ids, 30, block_size=block)[0] == plain
+    for block in (4, 16):
+        got, multi = _accepting(model, ids, plain, block)
+        assert got == plain and multi >= 2
 
 
 @pytest.mark.parametrize("quantize", [None, "int8-tokens"])
@@ -353,6 +385,8 @@ def test_tensorrt_variant_has_standard_ops_only_and_int4_stays_lossless(tmp_path
     plain, _ = generate(model, ids, 30, block_size=1)
     for block in (4, None):
         assert generate(model, ids, 30, block_size=block)[0] == plain
+    got, multi = _accepting(model, ids, plain, 8)
+    assert got == plain and multi >= 3
 
 
 def test_standard_ops_check_catches_contrib_ops(tmp_path, tiny_llama):

@@ -1,13 +1,18 @@
 """Providers by name: clear errors, the CPU fallback, and TensorRT options that fit the graphs."""
+import logging
 import subprocess
 import sys
+from pathlib import Path, PurePosixPath
 
 import onnx
 import pytest
 
 from dflash_edge.errors import UserError
+from dflash_edge.runtime import providers
 from dflash_edge.runtime.providers import (PROVIDERS, check_started, provider_options, resolve_providers,
                                            tensorrt_profiles)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_unavailable_provider_is_one_line_unless_fallback():
@@ -113,3 +118,231 @@ def test_the_engine_cache_path_takes_nothing_but_the_date_from_the_manifest(tmp_
     a = engine_cache_dir(tmp_path / "model", {"export": {"created": "2026-12-03T10:00:00Z"}, "target": {"x": 1}})
     b = engine_cache_dir(tmp_path / "model", {"export": {"created": "2026-12-03T10:00:00Z"}, "target": {"x": 2}})
     assert a != b and a.name.startswith("model-2026-12-03T100000Z-")
+
+
+# GPU start-up without a GPU (review F2, F3, F15, F17): each check gets the facts a GPU machine would give.
+
+class FakeDist:
+    """What importlib.metadata gives for one installed distribution."""
+
+    def __init__(self, name, top="onnxruntime\n", files=()):
+        self.metadata = {"Name": name}
+        self.top = top
+        self.files = [PurePosixPath(f) for f in files]
+
+    def read_text(self, filename):
+        return self.top if filename == "top_level.txt" else None
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append((record.levelno, record.getMessage()))
+
+
+@pytest.fixture
+def records():
+    handler = Records()
+    providers.log.addHandler(handler)
+    yield handler.messages
+    providers.log.removeHandler(handler)
+
+
+def _installed(monkeypatch, *dists):
+    monkeypatch.setattr(providers.metadata, "distributions", lambda: list(dists))
+
+
+def test_only_distributions_that_ship_the_onnxruntime_package_count():
+    dists = [FakeDist("onnxruntime"), FakeDist("onnxruntime_gpu"), FakeDist("numpy"),
+             FakeDist("onnxruntime-genai", top="onnxruntime_genai\n"),
+             FakeDist("onnxruntime-directml", top=None, files=["onnxruntime/__init__.py"]),
+             FakeDist("onnxruntime-extensions", top=None, files=["onnxruntime_extensions/__init__.py"])]
+    assert providers.runtime_wheels(dists) == ["onnxruntime", "onnxruntime-directml", "onnxruntime-gpu"]
+    assert providers.runtime_wheels([FakeDist("onnxruntime")]) == ["onnxruntime"]
+
+
+def test_both_runtime_wheels_are_one_line_naming_the_fix(monkeypatch, records):
+    _installed(monkeypatch, FakeDist("onnxruntime"), FakeDist("onnxruntime-gpu"))
+    for name in ("cuda", "tensorrt"):
+        with pytest.raises(UserError) as e:
+            resolve_providers(name)
+        message = str(e.value)
+        assert "onnxruntime and onnxruntime-gpu are installed together" in message and "\n" not in message
+        assert "fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu" in message
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]  # the CPU provider works from either build
+    assert records == []
+    # --fallback cpu keeps running (this wheel has no CUDA) and says why the GPU was not used.
+    assert resolve_providers("cuda", fallback=True) == ["CPUExecutionProvider"]
+    assert [level for level, m in records if "installed together" in m] == [logging.WARNING]
+
+
+def test_one_runtime_wheel_is_not_a_clash(monkeypatch):
+    _installed(monkeypatch, FakeDist("onnxruntime"), FakeDist("onnxruntime-genai", top="onnxruntime_genai"))
+    with pytest.raises(UserError, match="not available.*dflash-edge\\[gpu\\].*--fallback cpu"):
+        resolve_providers("cuda")
+
+
+def test_a_missing_runtime_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` does when it is absent
+    _installed(monkeypatch)
+    with pytest.raises(providers.MissingRuntime) as e:
+        providers._import_onnxruntime()
+    assert isinstance(e.value, UserError) and isinstance(e.value, ImportError)
+    assert "onnxruntime is not installed: pip install 'dflash-edge[cpu]'" in str(e.value)
+    assert "samples/jetson" in str(e.value) and "\n" not in str(e.value)
+    # Installed but unimportable: two wheels that removed each other's files.
+    _installed(monkeypatch, FakeDist("onnxruntime-gpu"))
+    with pytest.raises(providers.MissingRuntime, match="broken.*pip uninstall -y onnxruntime-gpu &&"):
+        providers._import_onnxruntime()
+
+
+def test_a_cuda_13_wheel_that_cannot_import_names_the_library():
+    """onnxruntime-gpu 1.27.0 links libcudart.so.13 into its Python module (microsoft/onnxruntime#29500)."""
+    error = ImportError("libcudart.so.13: cannot open shared object file: No such file or directory")
+    message = providers.import_failure(error, ["onnxruntime-gpu"])
+    assert message.startswith("import onnxruntime failed: libcudart.so.13 not found")
+    assert "'onnxruntime-gpu[cuda,cudnn]'" in message and "older than 580" in message
+    own = ImportError("libonnxruntime.so.1.31.1: cannot open shared object file: No such file or directory")
+    assert "the install is broken" in providers.import_failure(own, ["onnxruntime-gpu"])
+
+
+def _tiny_graph(path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [1.0] * 16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="proj"),
+             helper.make_node("Relu", ["m"], ["y"], name="act")]
+    graph = helper.make_graph(nodes, "tiny", [x], [y], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_preload_dlls_runs_once_before_the_first_gpu_session(tmp_path, monkeypatch, capsys):
+    from dflash_edge.runtime.session import make_session
+
+    graph = _tiny_graph(tmp_path / "tiny.onnx")
+    events = []
+    real = providers.ort.InferenceSession
+
+    def preload_dlls():
+        events.append("preload")
+        print("Failed to load libcudnn.so.9")  # what ORT prints; stdout is --json's, so it must not leak
+
+    def session(*args, **kwargs):
+        events.append("session")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(providers, "_preloaded", False)
+    monkeypatch.setattr(providers.ort, "preload_dlls", preload_dlls, raising=False)
+    monkeypatch.setattr(providers.ort, "InferenceSession", session)
+    make_session(graph, ["CPUExecutionProvider"])
+    assert events == ["session"]  # a CPU session needs no CUDA libraries
+    for _ in range(2):  # this wheel has no CUDA provider: ORT runs it on CPU, which --fallback cpu accepts
+        make_session(graph, [("CUDAExecutionProvider", {}), "CPUExecutionProvider"], fallback=True)
+    assert events == ["session", "preload", "session", "session"]
+    assert capsys.readouterr().out == ""
+
+
+def test_a_provider_that_fails_to_start_names_the_missing_library_and_the_fix(monkeypatch):
+    def one_line(*args):
+        message = providers.start_failure("cuda", "target.onnx", *args)
+        assert "\n" not in message and message.endswith("pass --fallback cpu to run on CPU")
+        return message
+
+    old_driver = one_line("1.31.1", 13, 550, "libcudart.so.13: cannot open shared object file")
+    assert "CUDA 13 build, which needs NVIDIA driver 580 or newer, and this machine has 550" in old_driver
+    assert "'onnxruntime-gpu[cuda,cudnn]<1.27'" in old_driver
+    assert "<1.27" not in one_line("1.26.0", 12, 510, None) and "driver 525" in one_line("1.26.0", 12, 510, None)
+    cudnn = one_line("1.26.0", 12, 550, "libcudnn.so.9: cannot open shared object file: No such file or directory")
+    assert "libcudnn.so.9 not found; pip install 'onnxruntime-gpu[cuda,cudnn]==1.26.0' puts CUDA 12" in cudnn
+    assert "install TensorRT" in one_line("1.31.1", 13, 590, "libnvinfer.so.10: cannot open shared object file")
+    assert "no NVIDIA driver" in one_line("1.31.1", 13, None, "libcuda.so.1: cannot open shared object file")
+    assert "cuDNN 9 libraries" in one_line("1.31.1", None, None, None)  # nothing known: the usual suspects
+    # check_started gathers the facts from the machine: here, those of a CUDA 13 wheel without cuBLAS.
+    monkeypatch.setattr(providers, "cuda_build", lambda: 13)
+    monkeypatch.setattr(providers, "driver_version", lambda: 590)
+    monkeypatch.setattr(providers, "_provider_load_error",
+                        lambda name: "libcublasLt.so.13: cannot open shared object file: No such file or directory")
+
+    class QuietFallback:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    with pytest.raises(UserError, match=r"cuda failed to start for target.onnx.*libcublasLt.so.13 not found.*"
+                                        r"onnxruntime-gpu\[cuda,cudnn\]==" + providers.ort.__version__):
+        check_started(QuietFallback(), PROVIDERS["cuda"], fallback=False, graph="target.onnx")
+    check_started(QuietFallback(), PROVIDERS["cuda"], fallback=True, graph="target.onnx")
+
+
+def test_the_driver_version_is_read_from_the_kernel_module_line():
+    proprietary = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n"
+    open_module = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs)\n"
+    assert providers.driver_version(proprietary) == 550
+    assert providers.driver_version(open_module) == 580
+    assert providers.driver_version("GCC version: gcc 12.2.0\n") is None
+
+
+def test_the_placement_warning_names_compute_nodes_off_the_gpu():
+    cuda, cpu, trt = PROVIDERS["cuda"], PROVIDERS["cpu"], PROVIDERS["tensorrt"]
+    report = {cuda: [("MatMul", "q_proj"), ("Softmax", "attn")],
+              cpu: [("Shape", "shape_0"), ("Range", "slots"), ("MatMulInteger", "lm_head"),
+                    ("MatMulInteger", "layers.0.mlp.up")]}
+    warning = providers.placement_warning(report, cuda, "target.onnx")
+    assert warning.startswith("warning: target.onnx: 2 compute nodes are not on cuda (2 MatMulInteger on cpu")
+    assert "lm_head" in warning and "shape_0" not in warning and "q_proj" not in warning
+    # Shape arithmetic on the CPU is ORT's choice, not a fallback.
+    assert providers.placement_warning({cuda: [("MatMul", "a")], cpu: [("Shape", "s")]}, cuda, "g") is None
+    # TensorRT that left a matmul to the CUDA provider: check_started cannot see it, this does.
+    partial = {trt: [("MatMul", "a"), ("Softmax", "b")], cuda: [("MatMul", "c")]}
+    assert "1 MatMul on cuda" in providers.placement_warning(partial, trt, "target.onnx")
+
+
+def test_placement_is_read_from_a_real_session(tmp_path, records):
+    """ORT's own report (session.record_ep_graph_assignment_info) on the CPU, read as if CUDA was asked for."""
+    graph = str(_tiny_graph(tmp_path / "tiny.onnx"))
+    ort = providers.ort
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    assert providers.placement(session) == {"CPUExecutionProvider": [("MatMul", "proj"), ("Relu", "act")]}
+    providers.warn_placement(session, PROVIDERS["cuda"], "tiny.onnx")
+    assert records == [(logging.WARNING, "warning: tiny.onnx: 1 compute nodes are not on cuda (1 MatMul on cpu; "
+                                         "proj); they run slower there, with copies between host and device "
+                                         "for CPU nodes")]
+    unrecorded = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    assert providers.placement(unrecorded) is None
+
+
+def test_the_package_installs_one_runtime_build_by_extra():
+    """Review F3: a base dependency on either wheel lets pip put one build over the other."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.lower().startswith("onnxruntime")]
+    extras = project["optional-dependencies"]
+    assert [d for d in extras["cpu"] if d.startswith("onnxruntime")] == ["onnxruntime>=1.24.3"]
+    assert [d for d in extras["gpu"] if d.startswith("onnxruntime")] == ["onnxruntime-gpu[cuda,cudnn]>=1.24.3"]
+    others = [d for name, deps in extras.items() if name not in ("cpu", "gpu") for d in deps]
+    assert not [d for d in others if d.lower().startswith("onnxruntime")]
+    assert '".[cpu,' in (ROOT / "Makefile").read_text()  # make test installs the CPU build
+
+
+def test_the_cli_without_any_onnxruntime_is_one_line_and_status_2(tmp_path):
+    """The runtime package imports onnxruntime on first use, so the CLI's error handler sees the failure."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "from dflash_edge.runtime.cli import entry\n"
+            f"sys.argv = ['dflash-generate', '--model', {str(tmp_path)!r}, 'hi']\n"
+            "entry()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: import onnxruntime failed")
+    assert "dflash-edge[cpu]" in lines[0] and "Traceback" not in proc.stderr

@@ -410,3 +410,24 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(monkeypatch):
     assert slow_bf16_warning("cuda") is None
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert slow_bf16_warning("cpu") is None
+
+
+def test_the_loss_never_sees_features_at_or_after_its_anchor():
+    """End to end through dflash_loss (not its helpers): a block drafts what follows its anchor from the
+    features before it; changing the features at or after the anchor must not move the loss, changing
+    one before it must (so the test can fail, e.g. if the loss ran without its mask)."""
+    drafter = _small_drafter()
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(12, len(drafter.config.target_layer_ids) * drafter.config.hidden_size, generator=g)
+    tokens = torch.randint(0, 40, (12,), generator=g)
+    anchor = torch.tensor([5])
+    with torch.no_grad():
+        base, _ = dflash_loss(drafter, features, tokens, torch.ones(12), anchor, 7.0)
+        later = features.clone()
+        later[5:] = torch.randn(7, features.shape[1], generator=g) * 10
+        same, _ = dflash_loss(drafter, later, tokens, torch.ones(12), anchor, 7.0)
+        earlier = features.clone()
+        earlier[4] = torch.randn(features.shape[1], generator=g) * 10
+        moved, _ = dflash_loss(drafter, earlier, tokens, torch.ones(12), anchor, 7.0)
+    assert torch.allclose(same, base, rtol=0, atol=1e-6)
+    assert not torch.allclose(moved, base, rtol=0, atol=1e-4)

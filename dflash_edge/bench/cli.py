@@ -3,10 +3,12 @@
 For every prompt of every dataset, in turn: plain greedy decoding with the exported target (ORT, the
 same session at block size 1, no drafter call), DFlash at each requested block size, DFlash with oracle
 drafts at each --oracle-tau (the real drafter runs; its proposals are replaced so the mean acceptance is
-tau), and transformers `generate` on the same weights when torch is installed. It checks that every
-DFlash output equals the plain output, and reports decode and end-to-end tokens/s, time to first token,
-speed-ups, tau with its histogram and peak memory, as JSON, a markdown table and a plot (speed-up
-against tau). With --repeats N every prompt runs N times, the methods' order rotating from one repeat
+tau), and transformers `generate` on the same weights when torch is installed. It compares every
+DFlash output with the plain output (identical, or the token index where it first differs): on the CPU
+provider any difference is an error (exit status 1); on CUDA and TensorRT, where a verify's rows may
+differ from single-token calls in the last bits, the agreement is reported, not enforced. It reports
+decode and end-to-end tokens/s, time to first token, speed-ups, tau with its histogram and peak memory,
+as JSON, a markdown table and a plot (speed-up against tau). With --repeats N every prompt runs N times, the methods' order rotating from one repeat
 to the next (so none always runs right after the same other one); each method's median run counts, and
 the report gives the spread between repeats: what this machine's noise is worth in the ratios.
 """
@@ -107,13 +109,13 @@ def calibrate(model, block: int, context: int = 256, repeats: int = 7) -> dict:
     from ..runtime.policy import filled_cache
 
     drafter = model.has_drafter
-    cache, taps = filled_cache(model, context)
+    cache, pieces = filled_cache(model, context)
     step = median_ms(lambda: model.run_target([1], cache, last_only=True), repeats)
     verify = median_ms(lambda: model.run_target([1] * block, cache, last_only=False, taps=drafter), repeats)
     draft = 0.0
     if drafter:
         draft_cache = model.new_draft_cache()
-        model.project_context([(taps, context)], draft_cache)
+        model.project_context(pieces, draft_cache)
         two = model.run_target([1, 1], cache, last_only=False, taps=True).taps  # a round's new context
         # keep 0: the same two rows are projected again each time, the draft cache stays as it is.
         draft = median_ms(lambda: (model.project_context([(two, 0)], draft_cache),
@@ -170,14 +172,21 @@ def rotated(items: list, turn: int) -> list:
 
 def median_runs(repeats: list[dict]) -> dict:
     """Per method, the repeat with the median decode speed (the lower middle one for an even count), with
-    every repeat's speed kept beside it; a reply that differed from plain decoding's in any repeat counts."""
+    every repeat's speed kept beside it; a reply that differed from plain decoding's in any repeat counts,
+    and `first_divergence` is the earliest token index where one did (None: identical in every repeat)."""
+    from .report import first_divergence
+
     runs = {}
     for name in repeats[0]:
         tries = sorted((r[name] for r in repeats), key=lambda run: run["decode_tokens_per_s"])
         run = dict(tries[(len(tries) - 1) // 2])
         run["repeat_tok_s"] = [r[name]["decode_tokens_per_s"] for r in repeats]
-        if any(r[name]["tokens"] != r["plain"]["tokens"] for r in repeats):
-            run["tokens"] = next(r[name]["tokens"] for r in repeats if r[name]["tokens"] != r["plain"]["tokens"])
+        if name != "plain":
+            diverged = [(d, r[name]["tokens"]) for r in repeats
+                        if (d := first_divergence(r[name]["tokens"], r["plain"]["tokens"])) is not None]
+            run["first_divergence"] = min(diverged, key=lambda dt: dt[0])[0] if diverged else None
+            if diverged:
+                run["tokens"] = diverged[0][1]
         runs[name] = run
     return runs
 
@@ -203,7 +212,7 @@ def main(argv=None) -> int:
     from ..runtime.api import DFlashModel
     from ..runtime.generate import generate
     from .oracle import OracleDrafts
-    from .report import BASELINES, machine_description, markdown, plot, summarize_mode
+    from .report import machine_description, markdown, plot, summarize_mode
 
     dflash = DFlashModel(args.model, args.provider, bool(args.fallback), threads=args.threads)
     model = dflash.model
@@ -272,7 +281,7 @@ def main(argv=None) -> int:
             table_order = ["plain", *(m for m, *_ in modes), *(m for m in runs if m.startswith("oracle")),
                            *(b.name for b in baselines)]
             runs = {m: runs[m] for m in table_order}
-            rows.append({"prompt_tokens": len(ids), "runs": runs, "order": [list(r) for r in repeats]})
+            rows.append({"prompt_index": n, "prompt_tokens": len(ids), "runs": runs, "order": [list(r) for r in repeats]})
             done += 1
             eta = (time.perf_counter() - t0) / done * (total - done)
             taus = " ".join(f"tau@{mode.split('@')[1]} {runs[mode]['tau']:.2f}" for mode, *_ in modes)
@@ -283,8 +292,11 @@ def main(argv=None) -> int:
         results[name] = rows
         summary[name] = {"prompts": len(rows), "modes": {m: summarize_mode(rows, m) for m in rows[0]["runs"]}}
 
+    provider = running_provider(model)
     report = {"command": "dflash-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine_description(), "model": str(args.model), "max_new_tokens": args.max_new_tokens,
+              "machine": machine_description(), "model": str(args.model), "provider": provider,
+              "exactness": "enforced" if exactness_enforced(provider) else "reported",
+              "max_new_tokens": args.max_new_tokens,
               "threads": args.threads, "repeats": args.repeats, "calibration": calibration,
               **{b.name: b.version for b in baselines}, "summary": summary, "prompts": results}
     table = markdown(report)
@@ -299,11 +311,39 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.plot and not plot(report, Path(args.plot)):
         print("  no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-    mismatches = sum(s.get("mismatches", 0) for ds in summary.values() for m, s in ds["modes"].items()
-                     if m not in BASELINES)
-    if mismatches:
-        print(f"error: DFlash output differed from plain decoding in {mismatches} runs", file=sys.stderr)
+    return verdict(report)
+
+
+def running_provider(model) -> str:
+    """The provider the target session runs on (after any --fallback: ORT reports what it started)."""
+    return model.target.get_providers()[0]
+
+
+def exactness_enforced(provider: str) -> bool:
+    """Bit-identical replies are the criterion on the CPU provider (MLAS's verify rows equal single steps, by
+    construction of the export); on CUDA and TensorRT cuBLAS picks kernels by problem size, so a row of an
+    n-row verify may differ from a 1-row call in the last bits and flip a near-tie: reported, not enforced."""
+    from ..runtime.providers import PROVIDERS
+    return provider == PROVIDERS["cpu"]
+
+
+def verdict(report: dict) -> int:
+    """Exit status: 1 when a DFlash or oracle reply differed from plain decoding's and exactness is enforced
+    on this provider; the divergences are printed either way."""
+    from .report import BASELINES
+
+    diverged = [f"{mode} on {name} prompt {row.get('prompt_index', n)} from token {run['first_divergence']}"
+                for name, rows in report["prompts"].items() for n, row in enumerate(rows)
+                for mode, run in row["runs"].items()
+                if mode != "plain" and mode not in BASELINES and run.get("first_divergence") is not None]
+    if not diverged:
+        return 0
+    shown = "; ".join(diverged[:8]) + (f"; and {len(diverged) - 8} more" if len(diverged) > 8 else "")
+    if report["exactness"] == "enforced":
+        print(f"error: DFlash output differed from plain decoding in {len(diverged)} runs: {shown}", file=sys.stderr)
         return 1
+    print(f"  note: DFlash output differed from plain decoding in {len(diverged)} runs: {shown} (provider "
+          f"{report['provider']}: token identity holds up to GPU numerics; reported, not a failure)", file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,25 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if a and b else None
 
 
+def first_divergence(tokens: list[int], reference: list[int]) -> int | None:
+    """The index of the first token where `tokens` leaves `reference` (where the shorter one ends, when one
+    is a prefix of the other); None when the two are identical."""
+    for i, (a, b) in enumerate(zip(tokens, reference)):
+        if a != b:
+            return i
+    return None if len(tokens) == len(reference) else min(len(tokens), len(reference))
+
+
+def agreement(divergences: list[int | None]) -> dict:
+    """Per-prompt first divergences from plain decoding (None: identical) -> the share of identical replies,
+    and where the others first left plain decoding's reply (token index, median and earliest)."""
+    diverging = [d for d in divergences if d is not None]
+    return {"identical": (len(divergences) - len(diverging)) / max(1, len(divergences)),
+            "first_divergence": divergences,
+            "median_first_divergence": statistics.median(diverging) if diverging else None,
+            "earliest_divergence": min(diverging) if diverging else None}
+
+
 def summarize_mode(rows: list[dict], mode: str) -> dict:
     runs = [r["runs"][mode] for r in rows]
     plain = [r["runs"]["plain"] for r in rows]
@@ -54,7 +73,11 @@ def summarize_mode(rows: list[dict], mode: str) -> dict:
         # Share of the reply's tokens that came from rounds verifying prompt-lookup drafts.
         s["lookup_share"] = sum(r.get("lookup_tokens", 0) for r in runs) / max(1, sum(r["new_tokens"] for r in runs))
     if mode != "plain":
-        s["mismatches"] = sum(run["tokens"] != p["tokens"] for run, p in zip(runs, plain))
+        # median_runs records each reply's earliest divergence over the repeats; a bare run is compared here.
+        divergences = [run["first_divergence"] if "first_divergence" in run else
+                       first_divergence(run["tokens"], p["tokens"]) for run, p in zip(runs, plain)]
+        s["mismatches"] = sum(d is not None for d in divergences)
+        s["agreement"] = agreement(divergences)
     return s
 
 
@@ -79,12 +102,19 @@ def markdown(report: dict) -> str:
     for name, ds in report["summary"].items():
         for mode, s in ds["modes"].items():
             exact = "-" if "mismatches" not in s or mode in BASELINES else f"{ds['prompts'] - s['mismatches']}/{ds['prompts']}"
+            first = (s.get("agreement") or {}).get("median_first_divergence")
+            if exact != "-" and first is not None:
+                exact += f" (diverged at token {first:g}, median)"
             vs_plain = fmt(s.get("speedup_vs_plain"), ".2f") + ("x" if s.get("speedup_vs_plain") else "")
             vs_hf = fmt(s.get("speedup_vs_transformers"), ".2f") + ("x" if s.get("speedup_vs_transformers") else "")
             lookup = f"{s['lookup_share']:.0%}" if s.get("lookup_share") else "-"
             lines.append(f"| {name} | {ds['prompts']} | {mode} | {s['decode_tok_s']:.1f} | {s['e2e_tok_s']:.1f} | "
                          f"{s['ttft_ms']:.0f} | {vs_plain} | {vs_hf} | {fmt(s.get('tau_mean'), '.2f')} | {exact} | "
                          f"{lookup} |")
+    if report.get("exactness") == "reported":
+        lines += ["", f"exact: replies identical to plain decoding's. On {report.get('provider')} this is reported, not "
+                      "enforced: every token is still the target's greedy choice given the prefix as the verify "
+                      "computed it, but a verify's rows may differ from single-token calls in the last bits."]
     if report.get("repeats", 1) > 1:
         spreads = "; ".join(f"{name}: " + ", ".join(f"{mode} {s['repeat_spread']:.0%}"
                                                     for mode, s in ds["modes"].items() if "repeat_spread" in s)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
+
+from .providers import ort  # one line, not a traceback, when no ONNX Runtime build is installed
 
 
 class KVCache:
@@ -31,6 +32,7 @@ class KVCache:
         self.capacity = 0
         self.values: list[ort.OrtValue] = []
         self._host: list[np.ndarray] = []  # on the host, the arrays the OrtValues wrap: keep them alive
+        self._bindings: dict[tuple, tuple[object, ort.IOBinding]] = {}  # see binding()
 
     def _shape(self, i: int, slots: int) -> tuple[int, ...]:
         kv, d = self.num_kv_heads, self.head_dim
@@ -55,6 +57,7 @@ class KVCache:
         self.values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in arrays]
         self._host = arrays if self.device == "cpu" else []
         self.capacity = capacity
+        self._bindings.clear()  # they point at the old buffers
 
     def commit(self, keep: int) -> None:
         """Keep `keep` more positions: the first ones the last call wrote after the committed length."""
@@ -73,3 +76,27 @@ class KVCache:
         for value, name_in, name_out in zip(self.values, inputs, outputs):
             binding.bind_ortvalue_input(name_in, value)
             binding.bind_ortvalue_output(name_out, value)
+
+    def binding(self, session, inputs: list[str], outputs: list[str] | None,
+                first: tuple[tuple[str, str], ...] = ()) -> ort.IOBinding:
+        """session's IOBinding with the buffers bound (as inputs, and as the outputs the graph writes them to
+        unless outputs is None), made on first use and kept until the buffers are reallocated.
+
+        first: the (name, device) outputs the caller rebinds on every call, bound here ahead of the buffers
+        so that get_outputs() returns them first, in this order. They must be rebound before every run: ORT
+        keeps the last run's output in the binding and would write the next one into it (the taps a caller
+        still holds, or a buffer of the wrong shape). Rebinding a name replaces it in place."""
+        key = (id(session), outputs is None, first)
+        kept = self._bindings.get(key)
+        if kept is not None and kept[0] is session:
+            return kept[1]
+        binding = session.io_binding()
+        for name, device in first:
+            binding.bind_output(name, device)
+        if outputs is None:
+            for value, name in zip(self.values, inputs):
+                binding.bind_ortvalue_input(name, value)
+        else:
+            self.bind(binding, inputs, outputs)
+        self._bindings[key] = (session, binding)
+        return binding

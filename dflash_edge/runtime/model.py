@@ -5,12 +5,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from ..errors import UserError
 from ..manifest import inside, read_manifest
 from .cache import KVCache
-from .providers import PROVIDERS, TRT_PREFILL_CHUNK, provider_options, resolve_providers, verify_limit
+from .providers import PROVIDERS, TRT_PREFILL_CHUNK, ort, provider_options, resolve_providers, verify_limit
 from .session import SharedWeights, default_threads, make_session
 from .tokenizer import Tokenizer
 
@@ -36,9 +35,8 @@ class ExportedModel:
         self.target_info = m["target"]
         self.shared = SharedWeights(self.folder, m.get("shared_weights"))
         self.drafter_info = m.get("drafter") if load_drafter else None
-        tensorrt = self.providers[0] == PROVIDERS["tensorrt"]
-        # TensorRT builds its engines for bounded shapes; a longer prompt is prefilled in pieces.
-        self.prefill_chunk = TRT_PREFILL_CHUNK if tensorrt else None
+        # A longer prompt is prefilled in pieces on every provider (prefill_chunk says why).
+        self.prefill_chunk = prefill_chunk(self.providers[0])
 
         def session(graph: str, **kwargs):
             providers = provider_options(self.providers, self.folder, m, graph)
@@ -50,6 +48,12 @@ class ExportedModel:
         names = self.target_info["inputs"]
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
         self.present_names = [n for n in self.target_info["outputs"] if n.startswith("present.")]
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+        self._out_dtypes = {o.name: types.get(o.type, np.float32) for o in self.target.get_outputs()}
+        taps_out = next((o for o in self.target.get_outputs() if o.name == "aux_hidden_states"), None)
+        width = taps_out.shape[-1] if taps_out is not None else None
+        self.tap_width = width if isinstance(width, int) else \
+            len(self.target_info.get("tap_layer_ids", ())) * int(self.target_info["hidden_size"])
         # Where the caches and the taps live: device memory under CUDA and TensorRT, else host memory.
         self.device = "cuda" if self.providers[0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
         self.on_host = self.device == "cpu"  # tests set it False to run the device path's logic on the CPU
@@ -104,20 +108,27 @@ class ExportedModel:
         taps when asked for) come back; the taps stay on the provider's device."""
         n, start = len(ids), cache.length
         cache.reserve(n)
-        binding = self.target.io_binding()
+        k = 1 if last_only else n
+        wanted = ("next_token_ids",) + (("logits",) if logits else ()) + (("aux_hidden_states",) if taps else ())
+        # The cache's own binding for this session: its buffers stay bound; only the small tensors change.
+        binding = cache.binding(self.target, self.past_names, self.present_names, tuple((w, "cpu") for w in wanted))
         binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
         binding.bind_cpu_input("logits_index", np.asarray([n - 1] if last_only else np.arange(n), dtype=np.int64))
-        binding.bind_output("next_token_ids", "cpu")
+        # Fresh output buffers of the exact shapes, bound every call (cache.binding says why); reading them
+        # directly spares get_outputs(), which wraps all 2L cache buffers too (27 us for 6 layers).
+        next_ids = np.empty((1, k), dtype=np.int64)
+        binding.bind_ortvalue_output("next_token_ids", ort.OrtValue.ortvalue_from_numpy(next_ids))
+        scores = tapped = None
         if logits:
-            binding.bind_output("logits", "cpu")
+            scores = np.empty((1, k, self.target_info["vocab_size"]), dtype=self._out_dtypes["logits"])
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(scores))
         if taps:
-            binding.bind_output("aux_hidden_states", self.device)
-        cache.bind(binding, self.past_names, self.present_names)
+            tapped = ort.OrtValue.ortvalue_from_shape_and_type(
+                (1, n, self.tap_width), self._out_dtypes["aux_hidden_states"], self.device, 0)
+            binding.bind_ortvalue_output("aux_hidden_states", tapped)
         self.target.run_with_iobinding(binding)
-        outs = iter(binding.get_outputs())  # in the order they were bound
-        next_ids = next(outs).numpy()[0]
-        return TargetStep(next_ids, next(outs).numpy()[0] if logits else None, next(outs) if taps else None)
+        return TargetStep(next_ids[0], None if scores is None else scores[0], tapped)
 
     def prefill(self, ids: list[int], cache: KVCache, logits: bool = False,
                 taps: bool = False) -> tuple[TargetStep, list[tuple[ort.OrtValue, int]]]:
@@ -147,10 +158,9 @@ class ExportedModel:
         for taps, keep in pending:
             n, start = taps.shape()[1], cache.length
             cache.reserve(n)
-            binding = self.drafter_context.io_binding()
+            binding = cache.binding(self.drafter_context, self.context_past, self.context_present)
             binding.bind_ortvalue_input("target_hidden", taps)
             binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
-            cache.bind(binding, self.context_past, self.context_present)
             self.drafter_context.run_with_iobinding(binding)
             cache.commit(keep)
 
@@ -158,11 +168,9 @@ class ExportedModel:
         """Draft block-1 tokens after last_token (at position start) in one drafter pass, reading the draft
         cache's slots before start."""
         ids = [last_token] + [int(self.drafter_info["mask_token_id"])] * (block - 1)
-        binding = self.drafter_block.io_binding()
+        binding = cache.binding(self.drafter_block, self.context_past, None, (("draft_ids", "cpu"),))
         binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.arange(start, start + block, dtype=np.int64)[None])
-        for name, value in zip(self.context_past, cache.values):
-            binding.bind_ortvalue_input(name, value)
         binding.bind_output("draft_ids", "cpu")
         self.drafter_block.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()[0].tolist()
@@ -192,6 +200,19 @@ class ExportedModel:
         if not 1 <= block_size <= trained:
             raise UserError(f"--block-size {block_size} is outside 1..{trained} (the drafter's trained block size)")
         return block_size
+
+
+PREFILL_CHUNK = 512  # longest prompt piece one call takes on the CPU and CUDA providers
+
+
+def prefill_chunk(provider: str) -> int:
+    """The longest prompt piece one target call takes (review F9). TensorRT's engines are built for
+    TRT_PREFILL_CHUNK at most. Elsewhere a call's attention scores are [heads, piece, cache slots] fp32
+    per layer: a whole 8,192-token prompt on Llama-3.1-8B needs 8.6 GB for them alone (a 24 GB card runs
+    out), in pieces of 512 a sixteenth. A piece of 512 rows still fills the matrix units, and on the host
+    the cache grows piece by piece, so early pieces read fewer slots; prompts up to 512 tokens run in one
+    call as before. Pieces give the same tokens (tests/test_device_runtime.py)."""
+    return TRT_PREFILL_CHUNK if provider == PROVIDERS["tensorrt"] else PREFILL_CHUNK
 
 
 def kv_dtype(dtype: str, provider: str):

@@ -18,11 +18,14 @@ MEASURED_BLOCKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def filled_cache(model: ExportedModel, context: int):
-    """A target cache holding `context` filler tokens (which ones does not change a cost), and their taps."""
+    """A target cache holding `context` filler tokens (which ones does not change a cost), and their taps
+    as project_context takes them: [(taps, length)] per prefill piece, empty without a drafter.
+
+    Filled through model.prefill, in the pieces the provider bounds a call to: one call with the whole
+    context would fall outside TensorRT's shape profiles and make it rebuild its engine."""
     cache = model.new_target_cache()
-    step = model.run_target([1] * context, cache, last_only=True, taps=model.has_drafter)
-    cache.commit(context)
-    return cache, step.taps
+    _, pieces = model.prefill([1] * context, cache, taps=model.has_drafter)
+    return cache, pieces
 
 
 def run_times(fn, repeats: int) -> list[float]:
@@ -44,10 +47,10 @@ def measure_costs(model: ExportedModel, context: int = 64, repeats: int = 3) -> 
     """
     top = model.verify_limit
     drafting = model.has_drafter
-    cache, taps = filled_cache(model, context)
+    cache, pieces = filled_cache(model, context)
     if drafting:
         draft_cache = model.new_draft_cache()
-        model.project_context([(taps, context)], draft_cache)
+        model.project_context(pieces, draft_cache)
 
     def best_of(fn) -> float:
         return min(run_times(fn, repeats))  # the least disturbed run: costs are compared, noise only blurs them

@@ -4,26 +4,104 @@ cpu, cuda and tensorrt map to ONNX Runtime's providers; CPU is always registered
 provider leaves (shape arithmetic, mostly) still run. TensorRT builds one engine per graph and needs,
 for every input with a dynamic axis, the smallest, typical and largest shape it will see: the profiles
 below follow what the runtime feeds (prefill chunks, verify blocks, single steps, the cache's slots).
+
+A GPU provider fails in ways ONNX Runtime does not explain: two runtime wheels overwriting each other,
+CUDA/cuDNN that are installed but not loaded, a CUDA 13 build on an older driver, nodes that quietly run
+on the CPU. Each of these is found here and said in one line (docs/gpu-findings.md, F2/F3/F15/F17).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
+import logging
 import os
+import re
+import sys
+import threading
+from collections import Counter
+from importlib import metadata
 from pathlib import Path
 
-import onnxruntime as ort
-
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class MissingRuntime(UserError, ImportError):
+    """onnxruntime cannot be imported. An ImportError too, so code probing for optional imports still works."""
+
+
+def runtime_wheels(dists=None) -> list[str]:
+    """Installed distributions that ship the `onnxruntime` package (onnxruntime, onnxruntime-gpu,
+    onnxruntime-directml, ...). More than one means they wrote into one folder over each other."""
+    found = set()
+    for dist in metadata.distributions() if dists is None else dists:
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if not (name == "onnxruntime" or name.startswith(("onnxruntime-", "ort-"))):
+            continue
+        top = dist.read_text("top_level.txt")  # onnxruntime-genai and -extensions ship other packages
+        if top is not None:
+            ships = "onnxruntime" in top.split()
+        else:
+            ships = any(f.parts[0] == "onnxruntime" for f in dist.files or [])
+        if ships:
+            found.add(name)
+    return sorted(found)
+
+
+def clash(wheels: list[str]) -> str | None:
+    """The one-line fix when several runtime wheels share the onnxruntime/ folder, else None."""
+    if len(wheels) < 2:
+        return None
+    return (f"{' and '.join(wheels)} are installed together and overwrite each other's onnxruntime/ folder "
+            f"(the CPU build can hide the GPU one); fix: pip uninstall -y {' '.join(wheels)} && "
+            f"pip install 'onnxruntime-gpu[cuda,cudnn]'")
+
+
+def import_failure(error: ImportError, wheels: list[str]) -> str:
+    """One line for an `import onnxruntime` that failed: not installed, half-removed, or a missing library."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, ModuleNotFoundError) and error.name == "onnxruntime" and not wheels:
+        return ("onnxruntime is not installed: pip install 'dflash-edge[cpu]' (CPU) or 'dflash-edge[gpu]' "
+                "(NVIDIA GPU); on Jetson install the board's onnxruntime-gpu (samples/jetson/README.md)")
+    lib = re.search(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file", first)
+    # A CUDA library (onnxruntime-gpu 1.27.0 needs libcudart.so.13 just to import, microsoft/onnxruntime#29500);
+    # one of onnxruntime's own is a broken install, below.
+    if lib and "onnxruntime" not in lib.group(1):
+        return (f"import onnxruntime failed: {lib.group(1)} not found; install the CUDA libraries it was built "
+                f"for: pip install 'onnxruntime-gpu[cuda,cudnn]' (with an NVIDIA driver older than 580, "
+                f"a CUDA 12 build: 'onnxruntime-gpu[cuda,cudnn]<1.27')")
+    names = " ".join(wheels) or "onnxruntime onnxruntime-gpu"
+    return (f"import onnxruntime failed ({first}); the install is broken (two runtime wheels removed one "
+            f"another's files?); fix: pip uninstall -y {names} && pip install 'dflash-edge[cpu]' or "
+            f"'dflash-edge[gpu]'")
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise MissingRuntime(import_failure(e, runtime_wheels())) from None
+    return onnxruntime
+
+
+# Modules that take `ort` from here (session.py) turn a missing or broken install into one line; one that
+# imports onnxruntime itself first gets Python's ImportError instead.
+ort = _import_onnxruntime()
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+GPU = (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
 MISSING = {  # what a provider that is compiled in but cannot start usually lacks
     "cuda": "the CUDA runtime or cuDNN 9 libraries (onnxruntime-gpu needs them on the library path; "
             "onnxruntime.preload_dlls() loads them from the nvidia-* pip packages)",
     "tensorrt": "the TensorRT libraries (libnvinfer) or CUDA/cuDNN",
 }
+MIN_DRIVER = {12: 525, 13: 580}  # CUDA major -> oldest Linux driver branch (NVIDIA's minor-version table)
 TRT_PREFILL_CHUNK = 1024  # longest prompt piece one TensorRT call takes; longer prompts go in pieces
 TRT_OPT_CONTEXT = 1024    # the cache length TensorRT tunes its kernels for
 VERIFY_WITHOUT_DRAFTER = 16  # most tokens per verify in a folder without a drafter (prompt-lookup drafts)
@@ -34,10 +112,15 @@ def resolve_providers(name: str, fallback: bool = False) -> list[str]:
     if name not in PROVIDERS:
         raise UserError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[name]
+    problem = clash(runtime_wheels()) if wanted in GPU else None
+    if problem and not fallback:
+        raise UserError(problem)
+    if problem:
+        log.warning("warning: %s", problem)
     available = ort.get_available_providers()
     if wanted not in available:
         if not fallback:
-            hint = " (install onnxruntime-gpu instead of onnxruntime)" if name != "cpu" else ""
+            hint = " (pip install 'dflash-edge[gpu]': onnxruntime-gpu, not onnxruntime)" if name != "cpu" else ""
             raise UserError(f"provider {name} is not available in this onnxruntime "
                             f"(has {', '.join(available)}){hint}; pass --fallback cpu to run on CPU")
         return [PROVIDERS["cpu"]]
@@ -46,13 +129,146 @@ def resolve_providers(name: str, fallback: bool = False) -> list[str]:
     return [wanted] if name == "cpu" else [wanted, PROVIDERS["cpu"]]
 
 
+_preload_lock = threading.Lock()
+_preloaded = False
+
+
+def preload_gpu_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* pip packages (onnxruntime.preload_dlls, ORT 1.21+) once per process,
+    before the first CUDA or TensorRT session: the provider library finds them only once they are loaded.
+    Without pip CUDA (a toolkit install, Jetson) it loads nothing and the library path applies as before."""
+    global _preloaded
+    with _preload_lock:
+        if _preloaded or not hasattr(ort, "preload_dlls"):
+            _preloaded = True
+            return
+        _preloaded = True
+        said = io.StringIO()  # it prints to stdout, which is --json's; what it says goes to the debug log
+        try:
+            with contextlib.redirect_stdout(said):
+                ort.preload_dlls()
+        except Exception as e:  # a bad directory or a broken CUDA install: the session start says more
+            said.write(f"preload_dlls: {e}")
+        if said.getvalue().strip():
+            log.debug("onnxruntime.preload_dlls: %s", said.getvalue().strip())
+
+
+def cuda_build() -> int | None:
+    """The CUDA major version this onnxruntime was built with (None for a CPU build or an unknown one)."""
+    text = str(getattr(ort, "cuda_version", "") or "")
+    major = text.split(".")[0]
+    return int(major) if major.isdigit() else None
+
+
+def driver_version(text: str | None = None) -> int | None:
+    """The NVIDIA driver branch (550, 580, ...) from /proc/driver/nvidia/version; None where there is none."""
+    if text is None:
+        try:
+            text = Path("/proc/driver/nvidia/version").read_text()
+        except OSError:
+            return None
+    found = re.search(r"Kernel Module\b.*?\s(\d{3,})\.\d+", text)
+    return int(found.group(1)) if found else None
+
+
+def _provider_load_error(name: str) -> str | None:
+    """Why the provider's own library does not load (the dynamic loader names the missing dependency)."""
+    lib = {"linux": f"libonnxruntime_providers_{name}.so", "win32": f"onnxruntime_providers_{name}.dll"}
+    path = Path(ort.__file__).parent / "capi" / lib.get(sys.platform, "")
+    if not path.is_file():
+        return None
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as e:
+        return str(e).splitlines()[0] if str(e) else "cannot be loaded"
+    return None
+
+
+def start_failure(name: str, graph: str, version: str, build: int | None, driver: int | None,
+                  load_error: str | None) -> str:
+    """One line: why provider `name` did not start for `graph`, from what the machine says, and the fix.
+    version/build: the onnxruntime-gpu release and its CUDA major; load_error: what the dynamic loader said
+    about the provider's library."""
+    head = f"provider {name} failed to start for {graph} (ONNX Runtime fell back to CPU)"
+    tail = "; or pass --fallback cpu to run on CPU"
+    need = MIN_DRIVER.get(build or 0)
+    if need and driver and driver < need:
+        older = " or install a CUDA 12 build: pip install 'onnxruntime-gpu[cuda,cudnn]<1.27'" if build > 12 else ""
+        return (f"{head}: onnxruntime-gpu {version} is a CUDA {build} build, which needs NVIDIA driver {need} or "
+                f"newer, and this machine has {driver}; update the driver{older}{tail}")
+    lib = re.search(r"(lib[\w.+-]+\.so[\w.]*|\w+\.dll)", load_error or "")
+    missing = lib.group(1) if lib and "providers" not in lib.group(1) else None
+    if missing and "nvinfer" in missing:
+        return (f"{head}: {missing} not found; install TensorRT and put its libraries on the library path "
+                f"(LD_LIBRARY_PATH), or use --provider cuda{tail}")
+    if missing and missing.startswith("libcuda."):
+        return f"{head}: {missing} not found, so no NVIDIA driver is loaded; install the driver{tail}"
+    if missing:  # pinned: an unpinned reinstall could swap a CUDA 12 build for a CUDA 13 one
+        cuda = f"CUDA {build}" if build else "CUDA"
+        return (f"{head}: {missing} not found; pip install 'onnxruntime-gpu[cuda,cudnn]=={version}' puts {cuda} "
+                f"and cuDNN 9 where onnxruntime looks (or put them on LD_LIBRARY_PATH){tail}")
+    return f"{head}: missing {MISSING.get(name, 'libraries')}{tail}"
+
+
 def check_started(session: ort.InferenceSession, wanted: str, fallback: bool, graph: str) -> None:
     """ORT quietly drops a GPU provider that fails to initialise and runs everything on CPU; say so."""
     if session.get_providers()[0] == wanted or fallback:
         return
     name = next(k for k, v in PROVIDERS.items() if v == wanted)
-    raise UserError(f"provider {name} failed to start for {graph} (ONNX Runtime fell back to CPU): "
-                    f"missing {MISSING.get(name, 'libraries')}; pass --fallback cpu to run on CPU")
+    load_error = _provider_load_error(name) if wanted in GPU else None
+    raise UserError(start_failure(name, graph, ort.__version__, cuda_build(), driver_version(), load_error))
+
+
+# Op types that carry a graph's arithmetic. ORT keeps shape arithmetic (Shape, Gather, Range, Concat on int64)
+# on the CPU on purpose; these never compute shapes, so one of them off the GPU is a real fallback (F7, F17).
+COMPUTE_OPS = frozenset({
+    "MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear", "DynamicQuantizeLinear", "Softmax",
+    "ScatterElements", "ScatterND", "Attention", "MultiHeadAttention", "GroupQueryAttention",
+    "LayerNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+    "RotaryEmbedding", "Einsum", "Conv", "ArgMax", "TopK",
+})
+
+
+def placement(session) -> dict[str, list[tuple[str, str]]] | None:
+    """Provider -> [(op type, node name)] as ORT assigned the nodes (the session must be created with
+    session.record_ep_graph_assignment_info=1, ORT 1.24+); None where this ORT cannot say."""
+    if not hasattr(session, "get_provider_graph_assignment_info"):
+        return None
+    try:
+        subgraphs = session.get_provider_graph_assignment_info()
+    except Exception:  # not recorded (an older ORT ignores the config entry)
+        return None
+    report: dict[str, list[tuple[str, str]]] = {}
+    for subgraph in subgraphs:
+        report.setdefault(subgraph.ep_name, []).extend((n.op_type, n.name) for n in subgraph.get_nodes())
+    return report
+
+
+def placement_warning(report: dict[str, list[tuple[str, str]]], wanted: str, graph: str) -> str | None:
+    """One line naming the compute nodes placed off the provider asked for, else None."""
+    short = {v: k for k, v in PROVIDERS.items()}
+    off = [(ep, op, node) for ep, nodes in report.items() if ep != wanted for op, node in nodes
+           if op in COMPUTE_OPS]
+    if not off:
+        return None
+    counts = Counter((op, short.get(ep, ep)) for ep, op, _ in off)
+    kinds = ", ".join(f"{n} {op} on {ep}" for (op, ep), n in counts.most_common())
+    names = ", ".join(node or "?" for _, _, node in off[:4]) + (", ..." if len(off) > 4 else "")
+    return (f"warning: {graph}: {len(off)} compute nodes are not on {short.get(wanted, wanted)} ({kinds}; "
+            f"{names}); they run slower there, with copies between host and device for CPU nodes")
+
+
+def warn_placement(session, wanted: str, graph: str) -> None:
+    """Log the placement warning for a session that started on a GPU provider (F17: check_started sees
+    only the first provider, not the nodes TensorRT or CUDA left to the next one)."""
+    report = placement(session)
+    if report is None:
+        log.debug("%s: this onnxruntime does not report node placement", graph)
+        return
+    message = placement_warning(report, wanted, graph)
+    if message:
+        log.warning(message)
 
 
 def _shape(dims) -> str:
@@ -122,8 +338,41 @@ def engine_cache_dir(folder: Path, manifest: dict) -> Path:
     return root / "tensorrt" / f"{folder.resolve().name}-{stamp}-{digest}"
 
 
+def gpu_mem_limit(text: str | None = None) -> int | None:
+    """DFLASH_GPU_MEM_LIMIT (bytes, or with a K/M/G/T suffix: "6G") as a byte count; None when unset."""
+    text = os.environ.get("DFLASH_GPU_MEM_LIMIT") if text is None else text
+    if not text or not text.strip():
+        return None
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not found or float(found.group(1)) <= 0:
+        raise UserError(f"DFLASH_GPU_MEM_LIMIT={text!r} is not a size; give bytes or e.g. 6G")
+    scale = 1024 ** " KMGT".index(found.group(2).upper() or " ")
+    return int(float(found.group(1)) * scale)
+
+
+def cuda_options(manifest: dict, tf32: bool | None = None, mem_limit: int | None = None) -> dict[str, str]:
+    """The CUDA provider's options for one folder (review F12, F18).
+
+    TF32: ORT runs fp32 MatMul/Gemm in TF32 (10-bit mantissas) by default on Ampere and newer; an fp32
+    folder's tokens would then drift from the CPU's, so it is off for fp32 graphs unless tf32=True or
+    DFLASH_TF32=1 asks for the speed. Memory: the arena grows by what is asked for, not the next power of
+    two (which can claim nearly twice a large model's need), and DFLASH_GPU_MEM_LIMIT (or mem_limit) caps
+    it: on a Jetson the GPU shares the board's memory with everything else."""
+    if tf32 is None:
+        tf32 = os.environ.get("DFLASH_TF32", "") not in ("", "0")
+    fp32 = manifest["target"]["dtype"] == "fp32"
+    options = {"arena_extend_strategy": "kSameAsRequested", "use_tf32": "1" if tf32 or not fp32 else "0"}
+    limit = mem_limit if mem_limit is not None else gpu_mem_limit()
+    if limit:
+        options["gpu_mem_limit"] = str(limit)
+    return options
+
+
 def provider_options(providers: list[str], folder: Path, manifest: dict, graph: str) -> list:
-    """ORT's providers argument for one graph: names, with TensorRT's options where it is first."""
+    """ORT's providers argument for one graph: names, with CUDA's options (cuda_options) or TensorRT's
+    where either is first."""
+    if providers[0] == PROVIDERS["cuda"]:
+        return [(providers[0], cuda_options(manifest)), *providers[1:]]
     if providers[0] != PROVIDERS["tensorrt"]:
         return providers
     t = manifest["target"]

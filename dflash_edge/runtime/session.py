@@ -5,11 +5,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from ..errors import UserError
 from ..manifest import inside
-from .providers import check_started
+from .providers import GPU, check_started, ort, preload_gpu_libraries, warn_placement
 
 class SharedWeights:
     """The embedding table / LM head, memory-mapped once and handed to every session that uses them."""
@@ -81,8 +80,37 @@ def make_session(path: Path, providers: list, shared: SharedWeights | None = Non
     wake-up, which is less. (ORT's process-wide thread pool would do as well, but it forbids per-session
     pools to every other ORT user in the process, an app's own models included.)
     """
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if wanted in GPU:
+        preload_gpu_libraries()  # before the session: the CUDA provider resolves its libraries when it loads
+    options = session_options(path, wanted, shared, threads, prepack, spin)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # ORT raises several types for unreadable or corrupted graphs
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load {path.name}: {msg}; the file may be truncated, export again") from None
+    check_started(session, wanted, fallback, path.name)
+    if wanted in GPU and session.get_providers()[0] == wanted:
+        warn_placement(session, wanted, path.name)
+    return session
+
+
+GPU_THREADS = 2  # intra-op threads of a GPU session: only shape arithmetic and the odd small node run there
+
+
+def session_options(path: Path, wanted: str, shared: SharedWeights | None = None, threads: int | None = None,
+                    prepack: bool = True, spin: bool = True) -> ort.SessionOptions:
+    """The SessionOptions make_session creates `path`'s session with, `wanted` being the provider asked for.
+
+    On a GPU provider the CPU runs only shape arithmetic, so the session gets at most GPU_THREADS threads
+    and no spinning (review F17): a pool of every core, spinning between calls, buys nothing there and on
+    a Jetson takes power from the GPU. Its initializers go straight to the device allocator, not into the
+    arena, which would round them up with the rest (review F18)."""
+    gpu = wanted in GPU
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 3  # ORT's own placement warnings stay hidden; warn_placement says what matters
+    if gpu:
+        threads, spin = min(threads or GPU_THREADS, GPU_THREADS), False
     if threads:
         options.intra_op_num_threads = threads
     if not spin:
@@ -97,14 +125,10 @@ def make_session(path: Path, providers: list, shared: SharedWeights | None = Non
     if shared:
         for name, value in shared.for_graph(path.name).items():
             options.add_initializer(name, value)
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as e:  # ORT raises several types for unreadable or corrupted graphs
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load {path.name}: {msg}; the file may be truncated, export again") from None
-    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
-    check_started(session, wanted, fallback, path.name)
-    return session
+    if gpu:  # which provider got which node (ORT 1.24+; older versions ignore the entry)
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    return options
 
 
 def default_threads() -> int:
