@@ -346,3 +346,32 @@ def test_the_cli_without_any_onnxruntime_is_one_line_and_status_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: import onnxruntime failed")
     assert "dflash-edge[cpu]" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cpu_quantizations_are_refused_or_flagged_on_a_gpu(records):
+    """int8-tokens cannot run on CUDA (uint8 x uint8 MatMulInteger): one line; the ort variant's MatMulNBits
+    runs but slowly for verifies: a warning; the standard-op int4 and the CPU provider: nothing."""
+    from dflash_edge.errors import UserError
+
+    gpu = [providers.PROVIDERS["cuda"], providers.PROVIDERS["cpu"]]
+
+    def folder(kind, variant="ort"):
+        return {"target": {"quantization": kind}, "variant": variant}
+
+    with pytest.raises(UserError, match="int8-tokens.*--device nvidia-gpu.*--provider cpu"):
+        providers.check_quantization(folder("int8-tokens"), gpu)
+    providers.check_quantization(folder("int8-tokens"), [providers.PROVIDERS["cpu"]])
+    assert records == []
+    providers.check_quantization(folder("int4", "tensorrt"), gpu)
+    providers.check_quantization(folder(None), gpu)
+    assert records == []
+    providers.check_quantization(folder("int4"), gpu)
+    assert len(records) == 1 and records[0][0] == logging.WARNING
+    assert "MatMulNBits" in records[0][1] and "nvidia-gpu" in records[0][1]
+
+
+def test_the_nvidia_gpu_preset_picks_fp16_standard_ops_and_int4_for_large_targets():
+    from dflash_edge.export.devices import apply_preset
+
+    assert apply_preset("nvidia-gpu", None, None, None, target_params=8_000_000_000)[:3] == ("fp16", "tensorrt", "int4")
+    assert apply_preset("nvidia-gpu", None, None, None, target_params=1_000_000_000)[:3] == ("fp16", "tensorrt", None)

@@ -33,7 +33,7 @@ def parse_args(argv):
     p.add_argument("--variant", choices=["ort", "tensorrt"], default=None,
                    help="ort (default): for ONNX Runtime's CPU and CUDA providers; tensorrt: standard ONNX "
                         "ops only, checked, so TensorRT builds the whole graph")
-    p.add_argument("--device", choices=["jetson-orin"], default=None,
+    p.add_argument("--device", choices=["jetson-orin", "nvidia-gpu"], default=None,
                    help="a preset: jetson-orin = --variant tensorrt, fp16, int4 weights for targets over "
                         "2B parameters (explicit options win)")
     p.add_argument("--validate", choices=["auto", "full", "layers"], default="auto",

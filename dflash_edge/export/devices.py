@@ -24,6 +24,15 @@ PRESETS = {
         variant="tensorrt", dtype="fp16", int4_above=2e9,
         why="TensorRT takes the standard-op graphs whole; Orin runs FP16, INT8 and INT4 only, and a target "
             "over 2B parameters needs int4 weights to leave room for its drafter"),
+    # Desktop NVIDIA cards on ONNX Runtime's CUDA or TensorRT provider. Not the ort variant's int4/int8:
+    # its MatMulNBits takes fp32 activations, and CUDA's kernel for them is a GEMV for one row only, so a
+    # verify or a prefill dequantizes every weight per call (gpu-review F7). fp16 graphs run on tensor cores;
+    # int4 as DequantizeLinear + MatMul over fp16, which TensorRT takes whole. 8B in fp16 is 16 GB of weights,
+    # more than most 8-16 GB desktop cards hold next to caches and a drafter: int4 above 4B parameters.
+    "nvidia-gpu": DevicePreset(
+        variant="tensorrt", dtype="fp16", int4_above=4e9,
+        why="fp16 runs on tensor cores; the standard-op int4 graph avoids MatMulNBits' fp32 path on CUDA, and "
+            "a target over 4B parameters needs int4 weights to fit a desktop card with its drafter"),
 }
 
 

@@ -9,7 +9,8 @@ import numpy as np
 from ..errors import UserError
 from ..manifest import inside, read_manifest
 from .cache import KVCache
-from .providers import PROVIDERS, TRT_PREFILL_CHUNK, ort, provider_options, resolve_providers, verify_limit
+from .providers import (PROVIDERS, TRT_PREFILL_CHUNK, check_quantization, ort, provider_options, resolve_providers,
+                        verify_limit)
 from .session import SharedWeights, default_threads, make_session
 from .tokenizer import Tokenizer
 
@@ -30,6 +31,7 @@ class ExportedModel:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.providers = resolve_providers(provider, fallback)
+        check_quantization(self.manifest, self.providers)
         threads = threads or default_threads()
         m = self.manifest
         self.target_info = m["target"]

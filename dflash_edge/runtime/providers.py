@@ -129,6 +129,25 @@ def resolve_providers(name: str, fallback: bool = False) -> list[str]:
     return [wanted] if name == "cpu" else [wanted, PROVIDERS["cpu"]]
 
 
+def check_quantization(manifest: dict, providers: list[str]) -> None:
+    """Quantized folders made for the CPU, asked to run on a GPU (review F7). int8-tokens multiplies uint8 by
+    uint8 (MatMulInteger), which the CUDA provider has no kernel for: every product would run on the CPU,
+    with copies both ways, while the session reports CUDA. The ort variant's int4/int8 (MatMulNBits) runs,
+    but with fp32 activations CUDA's fast kernel serves one row only: a verify or a prefill dequantizes every
+    weight per call, so DFlash loses to plain decoding there; that is a warning."""
+    if providers[0] not in GPU:
+        return
+    kind = manifest["target"].get("quantization")
+    if kind == "int8-tokens":
+        raise UserError("this folder is int8-tokens (uint8 x uint8 MatMulInteger), which ONNX Runtime's CUDA "
+                        "provider cannot run on the GPU; for GPUs export with --device nvidia-gpu (fp16, or "
+                        "int4 as DequantizeLinear for large targets), or run this folder with --provider cpu")
+    if kind in ("int4", "int8") and manifest.get("variant", "ort") == "ort":
+        log.warning("warning: this folder's %s weights are MatMulNBits over fp32 activations: on CUDA a verify "
+                    "or a prefill dequantizes every weight per call, so DFlash may not beat plain decoding; "
+                    "for GPUs export with --device nvidia-gpu", kind)
+
+
 _preload_lock = threading.Lock()
 _preloaded = False
 
