@@ -375,3 +375,34 @@ def test_the_nvidia_gpu_preset_picks_fp16_standard_ops_and_int4_for_large_target
 
     assert apply_preset("nvidia-gpu", None, None, None, target_params=8_000_000_000)[:3] == ("fp16", "tensorrt", "int4")
     assert apply_preset("nvidia-gpu", None, None, None, target_params=1_000_000_000)[:3] == ("fp16", "tensorrt", None)
+
+
+def test_tensorrt_engines_are_built_for_a_bounded_context(tiny_llama, monkeypatch, tmp_path):
+    """Llama-3.1's 131,072 positions would size TensorRT's scratch for all of them (review F5): its profiles,
+    and the context a generation may use under it, stop at TRT_MAX_CONTEXT unless DFLASH_MAX_CONTEXT says
+    otherwise; the other providers keep the model's context. The norms stay fp32 under fp16 (F4)."""
+    import json
+
+    from dflash_edge.errors import UserError
+    from dflash_edge.runtime.cache import KVCache
+
+    _, _, out = tiny_llama
+    manifest = json.loads((out / "dflash_edge.json").read_text())
+    manifest["target"]["max_context"] = 131072
+    monkeypatch.delenv("DFLASH_MAX_CONTEXT", raising=False)
+    trt, cpu = providers.PROVIDERS["tensorrt"], providers.PROVIDERS["cpu"]
+    assert providers.context_limit(manifest, trt) == providers.TRT_MAX_CONTEXT == 8192
+    assert providers.context_limit(manifest, cpu) == 131072
+    high = _parse(tensorrt_profiles(manifest, "target.onnx")["trt_profile_max_shapes"])
+    assert 8192 <= high["past_key_values.0.key"][2] <= 8192 + 16 + KVCache.CHUNK
+    monkeypatch.setenv("DFLASH_MAX_CONTEXT", "2048")
+    assert providers.context_limit(manifest, trt) == providers.context_limit(manifest, cpu) == 2048
+    assert _parse(tensorrt_profiles(manifest, "target.onnx")["trt_profile_max_shapes"])[
+        "past_key_values.0.key"][2] <= 2048 + 16 + KVCache.CHUNK
+    monkeypatch.setenv("DFLASH_MAX_CONTEXT", "lots")
+    with pytest.raises(UserError, match="DFLASH_MAX_CONTEXT"):
+        providers.context_limit(manifest, cpu)
+    monkeypatch.delenv("DFLASH_MAX_CONTEXT")
+    monkeypatch.setenv("DFLASH_EDGE_CACHE", str(tmp_path))
+    options = provider_options([trt, cpu], out, manifest, "target.onnx")[0][1]
+    assert options["trt_layer_norm_fp32_fallback"] == "True"

@@ -9,8 +9,8 @@ import numpy as np
 from ..errors import UserError
 from ..manifest import inside, read_manifest
 from .cache import KVCache
-from .providers import (PROVIDERS, TRT_PREFILL_CHUNK, check_quantization, ort, provider_options, resolve_providers,
-                        verify_limit)
+from .providers import (PROVIDERS, TRT_PREFILL_CHUNK, check_quantization, context_limit, ort, provider_options,
+                        resolve_providers, verify_limit)
 from .session import SharedWeights, default_threads, make_session
 from .tokenizer import Tokenizer
 
@@ -61,7 +61,7 @@ class ExportedModel:
         self.on_host = self.device == "cpu"  # tests set it False to run the device path's logic on the CPU
         self.tokenizer = Tokenizer(inside(self.folder, m["tokenizer"]))
         self.stop_token_ids = set(m["stop_token_ids"])
-        self.max_context = int(self.target_info["max_context"])
+        self.max_context = context_limit(m, self.providers[0])
         self.chat = m.get("chat")
         self.drafter_context = self.drafter_block = None
         self._measured_costs = None

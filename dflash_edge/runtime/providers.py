@@ -305,6 +305,24 @@ def verify_limit(manifest: dict) -> int:
     return int((manifest.get("drafter") or {}).get("block_size", VERIFY_WITHOUT_DRAFTER))
 
 
+# TensorRT sizes its kernels and activation memory for the largest profile shape: at Llama-3.1's 131,072
+# positions one fp32 attention-score tensor of a prefill piece is 17 GB (review F5). Its engines are built for
+# this many positions unless DFLASH_MAX_CONTEXT says otherwise.
+TRT_MAX_CONTEXT = 8192
+
+
+def context_limit(manifest: dict, provider: str) -> int:
+    """Positions a generation may use: the model's max_context, capped by DFLASH_MAX_CONTEXT on every
+    provider and by TRT_MAX_CONTEXT under TensorRT when the variable is unset."""
+    model = int(manifest["target"]["max_context"])
+    text = os.environ.get("DFLASH_MAX_CONTEXT", "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 64:
+            raise UserError(f"DFLASH_MAX_CONTEXT={text!r}: give a number of positions, at least 64")
+        return min(model, int(text))
+    return min(model, TRT_MAX_CONTEXT) if provider == PROVIDERS["tensorrt"] else model
+
+
 def tensorrt_profiles(manifest: dict, graph: str) -> dict[str, str]:
     """min/opt/max shapes of every dynamic input of one graph of the folder, as TensorRT EP options."""
     from .cache import KVCache
@@ -312,9 +330,10 @@ def tensorrt_profiles(manifest: dict, graph: str) -> dict[str, str]:
     t, d = manifest["target"], manifest.get("drafter") or {}
     block = verify_limit(manifest)
     chunk = KVCache.CHUNK
-    slots = -(-(int(t["max_context"]) + block) // chunk) * chunk  # the largest cache buffer
-    opt = min(TRT_OPT_CONTEXT, int(t["max_context"]))
-    prefill = min(TRT_PREFILL_CHUNK, int(t["max_context"]))
+    context = context_limit(manifest, PROVIDERS["tensorrt"])
+    slots = -(-(context + block) // chunk) * chunk  # the largest cache buffer
+    opt = min(TRT_OPT_CONTEXT, context)
+    prefill = min(TRT_PREFILL_CHUNK, context)
 
     def cache(names, kv, hd):
         shapes = {}
@@ -404,6 +423,9 @@ def provider_options(providers: list[str], folder: Path, manifest: dict, graph: 
         "trt_timing_cache_path": str(cache),
         # fp32 graphs stay fp32 unless their weights are int4, which TensorRT pairs with fp16 math.
         "trt_fp16_enable": str(t["dtype"] == "fp16" or t.get("quantization") == "int4"),
+        # Under the fp16 flag TensorRT may run the norms' square-and-mean in fp16 despite the graph's casts;
+        # the residual stream reaches |x| ~ 25,000 on real checkpoints, and x^2 overflows fp16 (review F4).
+        "trt_layer_norm_fp32_fallback": "True",
         **tensorrt_profiles(manifest, graph),
     }
     return [(providers[0], options), *providers[1:]]
