@@ -93,7 +93,7 @@ def check_drafter_first_layer(config, weights, dtype: torch.dtype, report: Repor
     from .shared import share_weights
     from .streaming import TensorSource
     from .streaming_drafter import (EMBED, HEAD, TARGET, DrafterWeights, export_drafter_streamed,
-                                    first_layer_config, vocabulary_rows)
+                                    first_layer_config, load_weights, vocabulary_rows)
     from .validate import validate_drafter
 
     rows = vocabulary_rows(config, VOCAB_ROWS)
@@ -101,16 +101,14 @@ def check_drafter_first_layer(config, weights, dtype: torch.dtype, report: Repor
     vocab = {name: weights.get(TARGET + name)[rows].float() for name in (EMBED, HEAD)}
     part = DrafterWeights(TensorSource({name: weights.get(name) for name in drafter_parameter_shapes(small)}),
                           TensorSource(vocab), tied=False, label=weights.label)
-    module = DFlashDrafter(small)
-    for name, p in module.named_parameters():
-        p.copy_(part.get(name))
+    module = load_weights(DFlashDrafter(small), part)
     with tempfile.TemporaryDirectory(prefix="dflash-drafter-layer-") as tmp:
         io = export_drafter_streamed(small, part, dtype, Path(tmp), with_logits=True)
         manifest = {"drafter": {"context_graph": "drafter_context.onnx", "block_graph": "drafter_block.onnx",
                                 "io": io},
                     "shared_weights": share_weights(Path(tmp), ["drafter_block.onnx"], ["embed_tokens.weight",
                                                                                        "lm_head.weight"])}
-        validate_drafter(Path(tmp), manifest, module.eval().to(dtype), vocab[EMBED].to(dtype), vocab[HEAD].to(dtype),
+        validate_drafter(Path(tmp), manifest, module.to(dtype), vocab[EMBED].to(dtype), vocab[HEAD].to(dtype),
                          report, note=f" (layer 0, {VOCAB_ROWS} vocab rows, {DTYPE_NAMES[dtype]})")
 
 
