@@ -108,6 +108,13 @@ class ExportedModel:
         cache.reserve(positions)
         return cache
 
+    def _shrink_arena(self) -> ort.RunOptions:
+        """Run options that make ORT free the arena's unused chunks after the run (host and device)."""
+        options = ort.RunOptions()
+        arenas = "cpu:0" + (";gpu:0" if self.device == "cuda" else "")
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
+        return options
+
     def _growth(self) -> dict:
         """Caches grow by CHUNK on the host, by DEVICE_CHUNK on a device, never past the context a
         generation may use plus a verify (the largest shape TensorRT's profiles take)."""
@@ -116,7 +123,7 @@ class ExportedModel:
                 "double": self.double_buffer}
 
     def run_target(self, ids: list[int], cache: KVCache, last_only: bool, logits: bool = False,
-                   taps: bool = False) -> TargetStep:
+                   taps: bool = False, shrink: bool = False) -> TargetStep:
         """Run ids at the positions after the cache's committed ones; the graph writes their K/V into the
         cache, and cache.commit(keep) then keeps the first `keep` of them. Only the ids (and the logits and
         taps when asked for) come back; the taps stay on the provider's device."""
@@ -141,7 +148,7 @@ class ExportedModel:
             tapped = ort.OrtValue.ortvalue_from_shape_and_type(
                 (1, n, self.tap_width), self._out_dtypes["aux_hidden_states"], self.device, 0)
             binding.bind_ortvalue_output("aux_hidden_states", tapped)
-        self.target.run_with_iobinding(binding)
+        self.target.run_with_iobinding(binding, self._shrink_arena() if shrink else None)
         cache.written()
         return TargetStep(next_ids[0], None if scores is None else scores[0], tapped)
 
@@ -153,7 +160,9 @@ class ExportedModel:
         pieces = []
         for start in range(0, len(ids), step):
             piece = ids[start:start + step]
-            out = self.run_target(piece, cache, last_only=True, logits=logits, taps=taps)
+            last = start + step >= len(ids)
+            out = self.run_target(piece, cache, last_only=True, logits=logits, taps=taps,
+                                  shrink=last and len(ids) > SHRINK_AFTER)
             cache.commit(len(piece))
             if taps:
                 pieces.append((out.taps, len(piece)))
@@ -219,6 +228,10 @@ class ExportedModel:
 
 
 PREFILL_CHUNK = 512  # longest prompt piece one call takes on the CPU and CUDA providers
+# A prompt longer than this leaves ONNX Runtime's arena holding its pieces' scratch (attention scores over the
+# whole cache), which a decode step never needs again: the last piece's run hands it back (SmolLM2, 8,000
+# tokens: BENCHMARKS.md section 12).
+SHRINK_AFTER = 256
 
 
 def prefill_chunk(provider: str) -> int:
