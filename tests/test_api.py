@@ -58,7 +58,36 @@ def test_leaving_the_iterator_cancels_the_generation(app_model):
         break
     released.set()
     result = gen.result(timeout=30)
-    assert result.stats.finish_reason == "cancelled" and len(result.token_ids) < 400
+    assert result.stats.finish_reason == "cancelled" and 1 <= len(result.token_ids) <= 2
+
+
+def test_on_done_gets_the_result_or_the_error_once(app_model):
+    """on_done runs on the worker once the generation has ended, however it ended (the server leaves its
+    queue from it, so a missed or doubled call would stall or overrun the queue)."""
+    calls = []
+
+    def on_done(result, error):
+        calls.append((result, error, threading.current_thread().name))
+
+    gen = app_model.stream("the cat sat", max_new_tokens=10, on_done=on_done)
+    result = gen.result(timeout=60)
+    assert calls == [(result, None, "dflash-generate")]  # the very object result() returns
+    assert result.token_ids == app_model.generate("the cat sat", max_new_tokens=10).token_ids
+
+    calls.clear()
+    gen = app_model.stream("the cat sat", max_new_tokens=10, block_size=99, on_done=on_done)  # fails in the worker
+    with pytest.raises(UserError, match="block") as raised:
+        gen.result(timeout=60)
+    assert calls == [(None, raised.value, "dflash-generate")]
+
+    calls.clear()  # cancelled: a result all the same, with its reason
+    cancelled = threading.Event()
+    gen = app_model.stream("the cat sat", max_new_tokens=400, block_size=1, on_text=lambda _: cancelled.wait(30),
+                           on_done=on_done)
+    gen.cancel()
+    cancelled.set()
+    result = gen.result(timeout=60)
+    assert calls == [(result, None, "dflash-generate")] and result.stats.finish_reason == "cancelled"
 
 
 def test_concurrent_streams_do_not_mix(app_model):

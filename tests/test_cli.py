@@ -1,5 +1,6 @@
 """The command lines: JSON output, and one clear line with exit status 2 for every bad input."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,9 +42,17 @@ def test_generate_json_reports_text_ids_and_speculative_stats(tiny_llama):
 
 
 def test_generate_streams_text_and_reports_speed(tiny_llama):
-    out = run(GENERATE + ["--model", str(tiny_llama[2]), "-", "--max-new-tokens", "5"], stdin=b"hello world")
+    from dflash_edge.runtime.api import DFlashModel
+
+    out = run(GENERATE + ["--model", str(tiny_llama[2]), "-", "--max-new-tokens", "12"], stdin=b"hello world")
     assert out.returncode == 0, out.stderr.decode()
-    assert b"tok/s" in out.stderr
+    # What streams must be the reply itself, whole and nothing else: plain decoding of the same prompt
+    # through the API, and the token count the summary line gives must be that reply's.
+    plain = DFlashModel(tiny_llama[2], use_drafter=False).generate("hello world", 12, 1)
+    assert plain.text.strip(), "the tiny model's reply is empty: the comparison would prove nothing"
+    assert out.stdout.decode() == plain.text
+    summary = out.stderr.decode().strip().splitlines()[-1]
+    assert summary.startswith(f"[{len(plain.token_ids)} tokens, ") and " tok/s decode" in summary, summary
 
 
 def test_generate_profile_breaks_a_round_down(tiny_llama):
@@ -177,12 +186,87 @@ def test_export_bad_input(case, tiny_llama, odd_inputs, tmp_path):
     args = [a.format(tmp=tmp_path, hf=tiny_llama[0], **odd_inputs) for a in args]
     if "--output" not in args:
         args += ["--output", str(tmp_path / "out")]
+    before = tree(tmp_path)
     out = run(EXPORT + args)
-    err = out.stderr.decode().strip().splitlines()
+    err = out.stderr.decode()
     assert out.returncode == 2, (case, err)
-    assert err and "Traceback" not in "\n".join(err)
-    assert expected in err[-1], err
-    assert not (tmp_path / "out").exists()
+    # One line and nothing else: no warnings before it, no progress, no traceback.
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, (case, err)
+    assert expected in err, err
+    assert b"Traceback" not in out.stdout  # stdout may carry progress ("loading ..."), never the error
+    # Nothing written: no output folder, no temporary .out.partial-PID beside it, no file touched.
+    assert tree(tmp_path) == before, case
+
+
+def tree(root):
+    """Every path under root with its size and modification time, to show that nothing was written."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def _gone_pid() -> int:
+    """The id of a process that has exited (what a killed export's folder names carry)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_export_force_refuses_a_folder_that_is_not_an_export(tiny_llama, tmp_path):
+    """--force deletes what it replaces, so it takes only an earlier export (or an empty folder)."""
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "sub" / "thesis.tex").write_text("keep me too")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    for target, expected in ((mine, "not a dflash-edge export"), (a_file, "not a folder")):
+        before = tree(tmp_path)
+        out = run(EXPORT + ["--model", str(tiny_llama[0]), "--no-drafter", "--output", str(target), "--force"])
+        err = out.stderr.decode()
+        assert out.returncode == 2, err
+        assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+        assert tree(tmp_path) == before  # nothing deleted, nothing set aside, no partial folder
+    assert (mine / "sub" / "thesis.tex").read_text() == "keep me too"
+
+
+def test_export_force_replaces_an_earlier_export_or_an_empty_folder(tiny_llama, tmp_path, monkeypatch):
+    """The replacement itself, with the tracing stubbed out (the real export is tested elsewhere)."""
+    from dflash_edge.export import pipeline
+    from dflash_edge.manifest import MANIFEST_NAME
+
+    def build(tmp, *args, **kwargs):
+        (tmp / "target.onnx").write_text("new")
+        return {"stub": True}
+
+    monkeypatch.setattr(pipeline, "_build", build)
+    earlier = shutil.copytree(tiny_llama[2], tmp_path / "earlier")
+    # What an export killed after its second rename leaves: the export it replaced, set aside.
+    shutil.copytree(tiny_llama[2], tmp_path / f".earlier.old-{_gone_pid()}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (earlier, empty):
+        assert pipeline.export(str(tiny_llama[0]), str(out), drafter="", force=True, log=lambda *a: None) == out
+        assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "target.onnx"]
+        assert json.loads((out / MANIFEST_NAME).read_text())["stub"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "empty"]  # nothing set aside is left,
+    # not even the earlier killed export's
+
+
+def test_export_puts_back_the_folder_a_killed_replacement_set_aside(tiny_llama, tmp_path):
+    """Killed between its two renames, an export leaves no output folder, only .NAME.old-PID: the next run
+    renames it back before anything else (here it then refuses, since the folder exists again)."""
+    out = tmp_path / "out"
+    aside = shutil.copytree(tiny_llama[2], tmp_path / f".out.old-{_gone_pid()}")
+    alive = shutil.copytree(tiny_llama[2], tmp_path / f".other.old-{os.getpid()}")
+    run_ = run(EXPORT + ["--model", str(tiny_llama[0]), "--no-drafter", "--output", str(out)])
+    err = run_.stderr.decode()
+    assert run_.returncode == 2 and "already exists" in err and err.count("\n") == 1, err
+    assert b"restored" in run_.stdout
+    assert not aside.exists() and tree(out) == tree(tiny_llama[2])
+    # Another output's folder, or one whose process still runs, is not touched.
+    other = tmp_path / "other"
+    run_ = run(EXPORT + ["--model", str(tiny_llama[0]), "--no-drafter", "--output", str(other), "--layers", "1,99"])
+    assert run_.returncode == 2 and b"outside" in run_.stderr  # refused after the look for folders set aside
+    assert alive.exists() and not other.exists()
 
 
 TRAIN = [sys.executable, "-m", "dflash_edge.train.cli"]

@@ -10,6 +10,8 @@ import torch
 from dflash_edge.runtime.generate import generate
 from dflash_edge.runtime.model import ExportedModel
 
+from drafts import accepting as _accepting
+
 
 def test_manifest_describes_the_folder(tiny):
     _, _, out = tiny
@@ -165,25 +167,6 @@ def test_chat_template_matches_transformers(tiny):
     text = render_chat(model.chat, messages)
     assert text == expected
     assert model.tokenizer.encode(text) == tok(expected, add_special_tokens=False).input_ids
-
-
-def _accepting(model, ids, plain, block, wrong=0.25, seed=0):
-    """DFlash through the real drafter path, its drafts rewritten to plain decoding's continuation (each wrong
-    with probability `wrong`), so verifies commit their later rows too: a random drafter's drafts are almost
-    never accepted, which would leave only row 0 of each verify tested. Returns (tokens, rounds that
-    committed 3 or more tokens)."""
-    import random
-
-    rng = random.Random(seed)
-    vocab = model.manifest["target"]["vocab_size"]
-
-    def rewrite(out, drafts):
-        truth = plain[len(out):len(out) + len(drafts)]
-        truth += [0] * (len(drafts) - len(truth))
-        return [t if rng.random() >= wrong else (t + 1) % vocab for t in truth]
-
-    got, stats = generate(model, ids, len(plain), block_size=block, rewrite_drafts=rewrite)
-    return got, sum(count for tokens, count in stats.acceptance.items() if tokens >= 3)
 
 
 def _export_variant(tmp_path, tiny_llama, **kwargs):

@@ -8,6 +8,8 @@ from dflash_edge.runtime.lookup import PromptLookup
 from dflash_edge.runtime.model import ExportedModel
 from dflash_edge.runtime.sampling import Sampling
 
+from drafts import fixed_costs, record_verifies
+
 
 def test_the_latest_earlier_occurrence_of_the_ending_is_continued():
     assert PromptLookup([5, 6, 7, 8, 5, 6]).propose(3) == [7, 8, 5]
@@ -59,10 +61,13 @@ def llama(tiny_llama):
 REPETITIVE = "one two three four one two three four one two three four one two"
 
 
-def test_lookup_rounds_are_lossless_and_taken_where_the_reply_repeats(llama):
+def test_lookup_rounds_are_lossless_and_taken_where_the_reply_repeats(llama, monkeypatch):
     ids = llama.tokenizer.encode(REPETITIVE)
     plain = generate(llama, ids, 80, block_size=1)[0]
-    got, stats = generate(llama, ids, 80)  # the per-round choice, prompt lookup included
+    assert generate(llama, ids, 80)[0] == plain  # the per-round choice on measured costs, whatever it took
+    # On fixed costs the rounds follow from the tokens alone, so the lookup rounds are there every run.
+    fixed_costs(monkeypatch, llama)
+    got, stats = generate(llama, ids, 80)
     assert got == plain
     # A tiny random model's greedy reply loops, so copied drafts land: the path above was exercised.
     assert stats.lookup_rounds > 0 and stats.lookup_tokens > stats.lookup_rounds
@@ -71,26 +76,44 @@ def test_lookup_rounds_are_lossless_and_taken_where_the_reply_repeats(llama):
     assert without == plain and stats.lookup_rounds == 0
 
 
-def test_lookup_rounds_keep_sampling_exact(llama):
-    """Copied drafts depend only on committed tokens, so each seed draws the same reply as plain sampling."""
+def test_lookup_rounds_keep_sampling_exact(llama, monkeypatch):
+    """Copied drafts depend only on committed tokens, so each seed draws the same reply as plain sampling;
+    the copies kept were sampled at their own positions, as plain decoding sampled them."""
+    fixed_costs(monkeypatch, llama)  # the drafter never pays: every verify of more than a token is a lookup round
+    verifies = record_verifies(monkeypatch, llama)
     ids = llama.tokenizer.encode(REPETITIVE)
-    used = 0
+    kept = 0
     for seed in range(12):
         sampling = Sampling(0.3, seed=seed)
         plain = generate(llama, ids, 40, block_size=1, sampling=sampling)[0]
+        verifies.clear()
         got, stats = generate(llama, ids, 40, sampling=sampling)
         assert got == plain, f"seed {seed}"
-        used += stats.lookup_rounds
-    assert used > 0
+        # Replay each lookup round: its drafts are what the context proposed, and it kept those that agree
+        # with plain sampling's reply, plus one token of the target's own (cut at max_new_tokens).
+        rounds = tokens = 0
+        for position, verified in verifies:
+            done = position - len(ids) + 1  # reply tokens committed before this round
+            drafts = verified[1:]
+            if not drafts:
+                continue
+            assert PromptLookup(ids + plain[:done]).propose(len(drafts)) == drafts, f"seed {seed}"
+            agree = next((i for i, t in enumerate(drafts) if t != plain[done + i]), len(drafts))
+            rounds += 1
+            tokens += min(agree + 1, 40 - done)
+            kept += min(agree, 40 - done)
+        assert (stats.lookup_rounds, stats.lookup_tokens) == (rounds, tokens), f"seed {seed}"
+    assert kept >= 5, "copied drafts were rarely kept: the rounds above proved little"
 
 
-def test_a_folder_without_a_drafter_decodes_with_lookup_drafts(tiny_llama):
+def test_a_folder_without_a_drafter_decodes_with_lookup_drafts(tiny_llama, monkeypatch):
     target_only = ExportedModel(tiny_llama[2], load_drafter=False)
     target_only.stop_token_ids = set()
+    fixed_costs(monkeypatch, target_only)
     ids = target_only.tokenizer.encode(REPETITIVE)
     plain = generate(target_only, ids, 80, block_size=1)[0]
     got, stats = generate(target_only, ids, 80)
-    assert got == plain and stats.lookup_rounds > 0
+    assert got == plain and stats.lookup_tokens > stats.lookup_rounds > 0
     assert stats.as_dict()["block_size"] == "auto" and sum(stats.blocks.values()) == stats.rounds
     assert generate(target_only, ids, 80, lookup=False)[1].as_dict()["block_size"] == 1  # plain, as before
 
@@ -98,11 +121,12 @@ def test_a_folder_without_a_drafter_decodes_with_lookup_drafts(tiny_llama):
 def test_drafter_false_uses_lookup_drafts_only(llama, monkeypatch):
     ids = llama.tokenizer.encode(REPETITIVE)
     plain = generate(llama, ids, 60, block_size=1)[0]
-    llama.verify_costs()  # measured with the drafter at start-up, before it is taken away
+    # The drafter's round costs would be worth taking: only drafter=False keeps it out.
+    fixed_costs(monkeypatch, llama, drafting=0.0)
 
     def no_drafter(*args, **kwargs):
         raise AssertionError("the drafter ran")
     monkeypatch.setattr(llama, "draft", no_drafter)
     monkeypatch.setattr(llama, "project_context", no_drafter)
     got, stats = generate(llama, ids, 60, drafter=False)
-    assert got == plain and stats.lookup_rounds > 0
+    assert got == plain and stats.lookup_tokens > stats.lookup_rounds > 0

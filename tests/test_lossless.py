@@ -1,11 +1,15 @@
 """At temperature 0 DFlash emits exactly what plain decoding of the same target graph emits."""
 import random
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from dflash_edge.runtime.generate import generate
 from dflash_edge.runtime.cache import KVCache
 from dflash_edge.runtime.model import ExportedModel
+
+from drafts import accepted_drafts, fixed_costs, multi_token_rounds, record_verifies, rewriter, rounds_emitted
 
 PROMPTS = ["hi", "the cat sat on the mat", "def sort list : return list . sort ( ) and print the big red list " * 3]
 
@@ -33,13 +37,36 @@ def oracle(reference, prompt_len, corrupt=0.0, seed=0):
     return draft
 
 
+def drafted(rewrite=None):
+    """A rewrite_drafts hook that records each round's (tokens generated so far, the drafter's own proposals),
+    then hands the proposals on (through `rewrite` when given)."""
+    rounds = []
+
+    def hook(out, drafts):
+        rounds.append((len(out), list(drafts)))
+        return rewrite(out, drafts) if rewrite else drafts
+    return hook, rounds
+
+
 @pytest.mark.parametrize("block", [2, 3, 4, 8, 16])
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_real_drafter_is_lossless(llama, prompt, block):
     ids = llama.tokenizer.encode(prompt)
-    got, stats = generate(llama, ids, 40, block_size=block)
-    assert got == plain(llama, ids, 40)
-    assert stats.rounds >= 1 and 1.0 <= stats.tau <= block
+    spy, rounds = drafted()
+    got, stats = generate(llama, ids, 40, block_size=block, rewrite_drafts=spy)
+    reference = plain(llama, ids, 40)
+    assert got == reference
+    assert stats.rounds >= 1 and 1.0 <= stats.tau <= block  # a smoke check only: true of any round counts
+    # Each round kept exactly the drafter's proposals that agree with plain decoding, plus one token (fewer
+    # where max_new_tokens cut it): a loop that dropped an agreeing draft would stay lossless, not pass this.
+    expected = Counter()
+    for done, drafts in rounds:
+        kept = 0
+        while kept < len(drafts) and drafts[kept] == reference[done + kept]:
+            kept += 1
+        expected[min(kept + 1, 40 - done)] += 1
+    assert stats.rounds == len(rounds) and stats.acceptance == expected
+    assert sum(k * n for k, n in stats.acceptance.items()) == len(got) - 1  # all but prefill's token
 
 
 @pytest.mark.parametrize("block", [2, 5, 16])
@@ -99,6 +126,74 @@ def test_stop_token_inside_an_accepted_block(llama, stop_at):
         llama.stop_token_ids = set()
 
 
+def lookup_rounds_setup(model, monkeypatch):
+    """Fixed costs on which every round with a prompt-lookup proposal verifies it (verifying costs one step
+    whatever its length), the drafter never pays and may not run, and a record of each round's verify: one
+    of more than a token is a lookup round."""
+    fixed_costs(monkeypatch, model, verify_step=0.0)
+
+    def no_drafter(*args, **kwargs):
+        raise AssertionError("the drafter ran")
+    monkeypatch.setattr(model, "draft", no_drafter)
+    return record_verifies(monkeypatch, model)
+
+
+def copying_prompt(model):
+    """A prompt, its greedy reply and what each round emitted, where a lookup round kept copied drafts that
+    hold the reply's first use of a token (with more tokens after it in the round): only there can a stop
+    token fall inside an accepted lookup block. A random model's reply copies little from its prompt, so the
+    prompt is extended by the model's own continuation until one does. Returns (ids, reply, rounds, the
+    first use's index in the reply)."""
+    base = model.tokenizer.encode("def sort list : return list . sort ( )")
+    continuation = plain(model, base, 80)
+    for cut in range(40, 80):
+        ids = base + continuation[:cut]
+        reply, _, rounds = rounds_emitted(model, ids, 30)
+        assert reply == plain(model, ids, 30)
+        done = 0
+        for emitted in rounds:
+            for offset, token in enumerate(emitted[:-1]):
+                if token not in reply[:done + offset]:
+                    return ids, reply, rounds, done + offset
+            done += len(emitted)
+    pytest.fail("no prompt found whose reply's lookup rounds keep a token the reply had not used yet")
+
+
+def test_stop_token_inside_an_accepted_lookup_block(llama, monkeypatch):
+    verified = lookup_rounds_setup(llama, monkeypatch)
+    ids, reference, rounds, first = copying_prompt(llama)
+    try:
+        llama.stop_token_ids = {reference[first]}
+        verified.clear()
+        got, stats, cut = rounds_emitted(llama, ids, 30)
+    finally:
+        llama.stop_token_ids = set()
+    assert got == reference[:first + 1] and stats.finish_reason == "stop"
+    # The last round is the uncut run's lookup round, its tokens after the stop dropped.
+    last = len(cut) - 1
+    assert cut[:last] == rounds[:last] and len(verified[-1][1]) >= 2
+    assert len(cut[last]) < len(rounds[last]) and rounds[last][:len(cut[last])] == cut[last]
+    assert stats.lookup_rounds >= 1 and stats.lookup_tokens >= len(cut[last])
+
+
+def test_max_new_tokens_inside_an_accepted_lookup_block(llama, monkeypatch):
+    verified = lookup_rounds_setup(llama, monkeypatch)
+    ids, reference, rounds, _ = copying_prompt(llama)
+    cases = 0
+    done = 0
+    for emitted in rounds:
+        for inside in range(1, len(emitted)):  # max_new_tokens ends the reply this far into the round
+            verified.clear()
+            got, stats, cut = rounds_emitted(llama, ids, done + inside)
+            assert got == reference[:done + inside] and stats.finish_reason == "length"
+            assert stats.new_tokens == done + inside == sum(len(e) for e in cut)
+            # The round that reached max_new_tokens verified copied drafts, and kept them up to the limit.
+            assert len(verified[-1][1]) >= 2 and stats.lookup_rounds >= 1
+            cases += 1
+        done += len(emitted)
+    assert cases >= 3, "too few lookup rounds kept copied drafts to cut one"
+
+
 def test_each_committed_token_is_projected_once(llama, monkeypatch):
     ids = llama.tokenizer.encode(PROMPTS[1])
     calls = []
@@ -118,16 +213,44 @@ def test_each_committed_token_is_projected_once(llama, monkeypatch):
     assert position <= len(ids) + len(out) - 1
 
 
+def draft_cache_after(model, monkeypatch, ids, n, rewrite):
+    """Generate with the drafter's proposals rewritten; return (tokens, stats, the drafter's own proposals,
+    the draft cache's committed K/V per layer at the end)."""
+    caches = []
+    original = model.project_context
+
+    def spy(pending, cache):
+        caches.append(cache)
+        return original(pending, cache)
+    monkeypatch.setattr(model, "project_context", spy)
+    hook, rounds = drafted(rewrite)
+    got, stats = generate(model, ids, n, block_size=8, rewrite_drafts=hook)
+    monkeypatch.setattr(model, "project_context", original)
+    cache = caches[-1]
+    return got, stats, [d for _, d in rounds], [cache.layer(i) for i in range(model.drafter_info["num_layers"])]
+
+
 def test_device_path_is_lossless_on_the_cpu(llama, monkeypatch):
     """What differs on a GPU, run here: caches reserved for the whole generation up front, and each round's
     taps projected whole (rejected rows included, overwritten by the next round) instead of joined."""
-    monkeypatch.setattr(llama, "on_host", False)
     ids = llama.tokenizer.encode(PROMPTS[2])
     reference = plain(llama, ids, 50)
+    host = draft_cache_after(llama, monkeypatch, ids, 50, rewriter(llama, reference, wrong=0.3))
+    monkeypatch.setattr(llama, "on_host", False)
     for block in (None, 4, 16):
         assert generate(llama, ids, 50, block_size=block)[0] == reference
-    got, _ = generate(llama, ids, 50, block_size=8, draft_fn=oracle(reference, len(ids), corrupt=0.3))
-    assert got == reference
+    # The real drafter runs (taps projected the device's way), its proposals then rewritten to the reference
+    # with 30 % wrong: rounds keep several rows and reject others, the case the overwrite must get right.
+    got, stats, proposals, layers = draft_cache_after(llama, monkeypatch, ids, 50,
+                                                      rewriter(llama, reference, wrong=0.3))
+    assert got == reference and multi_token_rounds(stats) >= 3 and accepted_drafts(stats) >= 15
+    # The draft cache holds what the host path's joined projection gave it, and the drafter proposed the same.
+    assert proposals == host[2]
+    assert len(layers) == len(host[3]) >= 1
+    for (keys, values), (host_keys, host_values) in zip(layers, host[3]):
+        assert keys.shape == host_keys.shape and keys.shape[2] >= len(ids) + 40
+        np.testing.assert_allclose(keys, host_keys, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(values, host_values, rtol=1e-5, atol=1e-5)
 
 
 def test_graphs_write_the_caches_in_place(llama):

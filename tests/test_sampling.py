@@ -14,6 +14,8 @@ from dflash_edge.runtime.generate import generate
 from dflash_edge.runtime.model import ExportedModel
 from dflash_edge.runtime.sampling import Sampler, Sampling
 
+from drafts import accepted_drafts, multi_token_rounds, rewriter
+
 Z = 3.719  # one-sided standard normal quantile for alpha = 1e-4
 
 
@@ -113,8 +115,46 @@ def test_dflash_sampling_is_distributed_as_plain_sampling(model):
     assert sum(stat for stat, _ in tests) > critical(sum(dof for _, dof in tests))
 
 
-def test_same_seed_gives_the_same_sample_with_or_without_drafts(model):
+@pytest.fixture(scope="module")
+def qwen3(tiny_qwen3):
+    m = ExportedModel(tiny_qwen3[2])
+    m.stop_token_ids = set()
+    return m
+
+
+SETTINGS = [Sampling(0.7), Sampling(1.0, top_k=5), Sampling(1.2, top_p=0.8), Sampling(0.8, top_k=20, top_p=0.9)]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=["t0.7", "top_k5", "top_p0.8", "top_k20_top_p0.9"])
+@pytest.mark.parametrize("target", ["model", "qwen3"])
+def test_same_seed_gives_the_same_sample_with_or_without_drafts(request, target, setting):
+    """The real drafter runs, then its drafts become plain sampling's reply for the seed (a quarter of them
+    wrong), so verifies keep their later rows: each kept row must be sampled at its own position, as plain
+    decoding sampled it. With a random drafter's drafts only row 0 would ever be kept."""
+    model = request.getfixturevalue(target)
     ids = prompt(model)
-    same = sum(generate(model, ids, 12, block_size=1, sampling=Sampling(1.0, seed=s))[0]
-               == generate(model, ids, 12, block_size=8, sampling=Sampling(1.0, seed=s))[0] for s in range(40))
-    assert same == 40
+    accepted, replies = 0, set()
+    for s in range(12):
+        sampling = Sampling(setting.temperature, setting.top_k, setting.top_p, seed=s)
+        plain = generate(model, ids, 16, block_size=1, sampling=sampling)[0]
+        got, stats = generate(model, ids, 16, block_size=8, sampling=sampling,
+                              rewrite_drafts=rewriter(model, plain, wrong=0.25, seed=s))
+        assert got == plain, f"seed {s}"
+        assert multi_token_rounds(stats) >= 1, f"seed {s}: no round kept two drafts"
+        accepted += accepted_drafts(stats)
+        replies.add(tuple(plain))
+    assert accepted >= 12 * 5, "drafts were rarely accepted: the test would prove little"
+    assert len(replies) >= 8, "the seeds drew nearly the same reply: the sampler was not tested"
+
+
+@pytest.mark.parametrize("setting", [Sampling(2.0, top_k=1), Sampling(2.0, top_p=1e-6)], ids=["top_k1", "top_p1e-6"])
+def test_a_single_candidate_samples_the_greedy_reply_with_drafts(model, setting):
+    """top_k 1 (or a top_p only the likeliest token reaches) leaves one candidate: however hot, the reply is
+    greedy decoding's. A verify row that skipped top-k / top-p would sample at temperature 2 instead."""
+    ids = prompt(model)
+    greedy = generate(model, ids, 16, block_size=1)[0]
+    for s in range(4):
+        sampling = Sampling(setting.temperature, setting.top_k, setting.top_p, seed=s)
+        got, stats = generate(model, ids, 16, block_size=8, sampling=sampling,
+                              rewrite_drafts=rewriter(model, greedy, wrong=0.25, seed=s))
+        assert got == greedy and accepted_drafts(stats) > 0

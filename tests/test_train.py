@@ -1,8 +1,10 @@
 """dflash-train: the objective's three classic bugs pinned, clean data, and a tiny end-to-end run."""
 import json
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,32 +114,149 @@ def test_feature_scale_folds_into_fc():
     assert torch.allclose(folded, trained_view, rtol=1e-4, atol=1e-4)
 
 
+class _MemoryStore:
+    """The part of a FeatureStore that train() reads, held in memory."""
+
+    def __init__(self, features, greedy=None):
+        self.features, self.choices = features, greedy
+
+    def __getitem__(self, i):
+        return self.features[i]
+
+    @property
+    def has_greedy(self):
+        return self.choices is not None
+
+    def greedy(self, i):
+        return self.choices[i]
+
+
+def _training_set(count=24, length=14, width=32, vocab=39, seed=0):
+    """Random sequences (a 3-token prompt, then a supervised reply) and features whose channels lie three
+    orders of magnitude apart, as SmolLM2's taps do."""
+    from dflash_edge.train.data import Sequence
+
+    g = torch.Generator().manual_seed(seed)
+    seqs = [Sequence(torch.randint(0, vocab, (length,), generator=g).tolist(), [0] * 3 + [1] * (length - 3))
+            for _ in range(count)]
+    spread = torch.logspace(-1, 3, width)
+    return seqs, [torch.randn(length, width, generator=g) * spread for _ in seqs]
+
+
+def _run(tmp_path, name, store, seqs, **kwargs):
+    from dflash_edge.train.trainer import TrainConfig, train
+
+    drafter = _small_drafter()
+    cfg = TrainConfig(steps=3, batch=2, anchors=4, gamma=4.0, lr=1e-2, eval_every=1, save_every=100,
+                      negatives=kwargs.pop("negatives", 0))
+    (tmp_path / name).mkdir()
+    result = train(drafter, store, seqs, tmp_path / name, cfg, log=lambda *a: None, **kwargs)
+    return drafter, result, cfg
+
+
+def test_the_trainer_trains_and_evaluates_on_scaled_features(tmp_path):
+    """Trap 1 inside the trainer: train(feature_scale=s) on taps x must be exactly train() on taps x * s,
+    in its steps (the weights) and in its held-out evaluations (the history)."""
+    seqs, raw = _training_set()
+    scale = 1 / torch.cat(raw).pow(2).mean(0).sqrt()
+    assert scale.max() / scale.min() > 100
+    scaled_inside, got, _ = _run(tmp_path, "a", _MemoryStore(raw), seqs, feature_scale=scale)
+    scaled_before, want, _ = _run(tmp_path, "b", _MemoryStore([f * scale for f in raw]), seqs)
+    assert got["history"] == want["history"]
+    mine, theirs = scaled_inside.state_dict(), scaled_before.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # Without the scale the run is a different one, so the comparison above can fail.
+    unscaled, other, _ = _run(tmp_path, "c", _MemoryStore(raw), seqs)
+    assert other["history"][0]["loss"] != got["history"][0]["loss"]
+    assert not torch.equal(unscaled.fc.weight, scaled_inside.fc.weight)
+
+
+def test_held_out_evaluation_scores_the_full_vocabulary_whatever_training_uses(tmp_path):
+    """Trap 2 inside the trainer: with a reduced draft vocabulary (and sampled negatives) the held-out
+    metrics are still over the target's whole head, as at inference: they equal the metrics of a run
+    without a draft vocabulary before training, and evaluate() with the full head after it."""
+    from dflash_edge.train.trainer import evaluate, held_out_split
+
+    seqs, features = _training_set()
+    store = _MemoryStore(features)
+    subset = torch.arange(0, 20)
+    reduced, got, cfg = _run(tmp_path, "a", store, seqs, vocab_subset=subset, negatives=8)
+    _, full, _ = _run(tmp_path, "b", store, seqs)
+    assert got["history"][0] == full["history"][0]
+    eval_ids, _ = held_out_split(len(seqs), cfg)
+    after = evaluate(reduced, store, seqs, eval_ids, cfg)
+    assert (got["loss"], got["tau_estimate"]) == (after["loss"], after["tau_estimate"])
+    # Half the held-out labels lie outside the subset: an evaluation over it alone would score otherwise.
+    i = eval_ids[0]
+    anchors = torch.tensor([3, 6])
+    args = (reduced, store[i], torch.tensor(seqs[i].tokens), torch.tensor(seqs[i].loss_mask), anchors, cfg.gamma)
+    with torch.no_grad():
+        assert abs(dflash_loss(*args)[0].item() - dflash_loss(*args, subset)[0].item()) > 0.1
+
+
 def test_anchors_stay_inside_supervised_positions():
     mask = torch.tensor([0] * 5 + [1] * 20)
     a = sample_anchors(mask, block=4, count=100, generator=torch.Generator().manual_seed(0))
     assert a.min() >= 5 and a.max() <= 25 - 4 and torch.equal(a, a.sort().values) and len(set(a.tolist())) == len(a)
 
 
-def test_training_prompts_never_contain_evaluation_prompts():
+def _evaluation_overlap(prompts: list[str]) -> list[str]:
+    """What of HumanEval and MT-Bench appears in `prompts`, compared word by word (case and punctuation
+    ignored): any line of 20+ characters of any HumanEval docstring, any MT-Bench turn (first or second),
+    and any distinctive HumanEval function name (one with an underscore, or of 8+ letters) named as code:
+    called, or, with an underscore, anywhere."""
+    import re
+
     from dflash_edge.evalsets import load_prompts
+    from dflash_edge.train.decontaminate import words
+
+    def flat(text):
+        return " ".join(words(text))
+
+    # Padded with spaces and one prompt per line, so that a match is whole words of a single prompt.
+    text = "\n".join(f" {flat(p)} " for p in prompts)
+    humaneval = load_prompts("humaneval")
+    lines = {flat(line) for prompt in humaneval for quote in ('"""', "'''")
+             for doc in prompt.split(quote)[1::2] for line in doc.splitlines()}
+    found = [line for line in lines if len(line) >= 20 and f" {line} " in text]
+    found += [turn for turn in load_prompts("mtbench", all_turns=True) if f" {flat(turn)} " in text]
+    names = {p.split("def ")[-1].split("(")[0].lower() for p in humaneval}
+    distinctive = {n for n in names if "_" in n or len(n) >= 8}
+    for prompt in map(str.lower, prompts):
+        code = set(re.findall(r"[a-z0-9]*_[a-z0-9_]*", prompt)) | set(re.findall(r"([a-z_][a-z0-9_]*)\(", prompt))
+        found += [f"{name} in {prompt[:80]!r}" for name in code & distinctive]
+    return found
+
+
+def test_training_prompts_never_contain_evaluation_prompts():
     from dflash_edge.train.prompts import build
 
-    prompts = build(code=3000, chat=1000, tasks=2000)
-    normalized = {" ".join(p.lower().split()) for p in prompts}
-    for question in load_prompts("mtbench"):
-        assert " ".join(question.lower().split()) not in normalized
-    humaneval = load_prompts("humaneval")
-    text = "\n".join(" ".join(p.lower().split()) for p in prompts)
-    for prompt in humaneval:
-        doc = prompt.split('"""')[1] if '"""' in prompt else prompt.split("\'\'\'")[1]
-        first_line = " ".join(doc.strip().splitlines()[0].lower().split())
-        assert len(first_line) < 20 or first_line not in text, first_line
-    # Distinctive HumanEval function names never name a training task.
-    names = {p.split("def ")[-1].split("(")[0] for p in humaneval}
-    distinctive = {n for n in names if "_" in n or len(n) >= 8}
-    for p in prompts:
-        if "`" in p:
-            assert p.split("`")[1].split("(")[0] not in distinctive, p
+    assert _evaluation_overlap(build(code=3000, chat=1000, tasks=2000)) == []
+
+
+def test_the_shipped_prompts_and_replies_never_contain_evaluation_prompts():
+    """The prompt files in the repository, and every reply in its shards, which must answer one of them."""
+    import numpy as np
+
+    from dflash_edge.train.data import read_prompts
+    from dflash_edge.train.shards import conversation_id, read_manifest
+
+    data = Path(__file__).resolve().parent.parent / "data" / "smollm2-135m"
+    files = sorted((data / "prompts").glob("*.jsonl"))
+    assert files
+    conversations = [c for f in files for c in read_prompts(f)]
+    assert _evaluation_overlap([turn["content"] for c in conversations for turn in c]) == []
+    known = {conversation_id(c) for c in conversations}
+    manifest = read_manifest(data / "shards")
+    answered = 0
+    for entry in manifest["shards"]:
+        # Read-only and without the checksum: a regeneration run may be appending to the open shard, which
+        # it renames into place before it updates that shard's checksum in the manifest.
+        with np.load(data / "shards" / entry["file"], allow_pickle=False) as shard:
+            ids = {int(i) for i in shard["prompt_ids"]}
+        assert ids <= known, f"{entry['file']} answers prompts that are not in {data / 'prompts'}"
+        answered += len(ids)
+    assert answered > 0
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +274,8 @@ def trained(tmp_path_factory, tiny_llama):
            "--lr", "3e-3"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
+    # A later test resumes this work folder; the trained module as the checkpoint was made from stays here.
+    shutil.copy(root / "drafter.work" / "state.pt", root / "state-at-60.pt")
     return root, out.stdout
 
 
@@ -177,6 +298,43 @@ def test_tiny_training_lowers_the_loss_and_beats_an_untrained_drafter(trained, t
         runs = [model.generate(p, 40, block_size=8) for p in ("hello world", "the cat sat", "def sort list")]
         taus[name] = sum(r.stats.tau for r in runs) / len(runs)
     assert taus["trained"] > taus["untrained"] + 0.3, taus
+
+
+def test_dflash_train_trains_on_scaled_taps_and_folds_the_scale_into_the_checkpoint(trained, tiny_llama):
+    """Trap 1 through dflash-train: the module trains on taps scaled to unit RMS per channel (its recorded
+    held-out loss is the one on scaled taps), and the checkpoint is that module with the scale folded into
+    fc, so that it takes raw taps."""
+    from transformers import AutoModelForCausalLM
+
+    from dflash_edge.export.drafter import load_drafter
+    from dflash_edge.train.data import load_sequences
+    from dflash_edge.train.features import FeatureStore
+    from dflash_edge.train.objective import default_gamma
+    from dflash_edge.train.trainer import TrainConfig, evaluate, feature_scale, held_out_split
+
+    root, _ = trained
+    work = root / "drafter.work"
+    store, seqs = FeatureStore(work), load_sequences(work / "sequences.jsonl")
+    scale = feature_scale(store)
+    assert scale.max() / scale.min() > 3, scale  # the channels differ, so scaling changes what fc sees
+    trained_module = torch.load(root / "state-at-60.pt", weights_only=True)["model"]
+    saved = load_drafter(root / "drafter")
+    for name, weight in saved.state_dict().items():
+        want = trained_module[name] * scale[None, :] if name == "fc.weight" else trained_module[name]
+        folded_as_trained = torch.equal(weight, want.to(torch.bfloat16).float())
+        assert folded_as_trained, name
+    # The module's last held-out loss in the training report is its loss on scaled taps, not on raw ones.
+    module = load_drafter(root / "drafter")
+    module.load_state_dict(trained_module)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama[0], dtype=torch.float32)
+    module.attach_target(hf.get_input_embeddings().weight.detach(), hf.get_output_embeddings().weight.detach())
+    cfg = TrainConfig(anchors=16, gamma=default_gamma(8))  # the fixture's --anchors and --block-size
+    eval_ids, _ = held_out_split(len(seqs), cfg)
+    recorded = json.loads((root / "drafter" / "training_report.json").read_text())["final"]["loss"]
+    on_scaled = evaluate(module, store, seqs, eval_ids, cfg, scale)["loss"]
+    on_raw = evaluate(module, store, seqs, eval_ids, cfg)["loss"]
+    assert abs(on_scaled - recorded) < 1e-5 * recorded, (on_scaled, recorded)
+    assert abs(on_raw - recorded) > 1e-4 * recorded, (on_raw, recorded)
 
 
 def test_cached_target_choices_are_the_replies_the_target_generated(trained):
@@ -230,6 +388,86 @@ def test_training_resumes_from_its_state(trained, tiny_llama):
     ranked = read_draft_vocab(root / "drafter2", 10**6)
     counts = label_counts(load_sequences(root / "drafter.work" / "sequences.jsonl"), 10**6)
     assert len(ranked) == 20 and all(counts[a] >= counts[b] for a, b in zip(ranked, ranked[1:]))
+
+
+def test_a_torn_feature_index_is_computed_again_not_a_traceback(trained, tiny_llama, tmp_path):
+    """features.json is the cache's commit record; a rerun after it was torn (a crash or power cut while
+    it was written) makes the features again."""
+    from dflash_edge.train.features import FeatureStore
+
+    root, _ = trained
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("sequences.jsonl", "features.f16", "greedy.i32"):
+        (work / name).hardlink_to(root / "drafter.work" / name)  # replaced by rename, never written through
+    index = (root / "drafter.work" / "features.json").read_text()
+    (work / "features.json").write_text(index[: len(index) // 2])
+    cmd = [sys.executable, "-m", "dflash_edge.train.cli", "--target", str(tiny_llama[0]), "--data",
+           str(root / "prompts.jsonl"), "--output", str(tmp_path / "drafter"), "--work", str(work),
+           "--steps", "1", "--anchors", "16", "--batch", "1", "--block-size", "8", "--mask-token-id", "3",
+           "--eval-every", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cached sequences" in out.stdout and "computing tap features" in out.stdout, out.stdout
+    assert (work / "features.json").read_text() == index and FeatureStore.exists(work)
+    assert not list(work.glob("*.tmp"))
+
+
+def _feature_cache(folder, lengths=(3, 5), width=4):
+    import numpy as np
+
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    np.memmap(folder / "features.f16", dtype=np.float16, mode="w+", shape=(offsets[-1], width)).flush()
+    np.memmap(folder / "greedy.i32", dtype=np.int32, mode="w+", shape=(offsets[-1],)).flush()
+    index = json.dumps({"offsets": offsets, "width": width, "top_k": 0})
+    (folder / "features.json").write_text(index)
+    return index
+
+
+@pytest.mark.parametrize("damage", ["torn index", "index without offsets", "short features", "short choices"])
+def test_an_incomplete_feature_cache_counts_as_absent(tmp_path, damage):
+    from dflash_edge.train.features import FeatureStore
+
+    index = _feature_cache(tmp_path)
+    assert FeatureStore.exists(tmp_path) and len(FeatureStore(tmp_path)[1]) == 5
+    if damage == "torn index":
+        (tmp_path / "features.json").write_text(index[:-9])
+    elif damage == "index without offsets":
+        (tmp_path / "features.json").write_text(json.dumps({"width": 4}))
+    else:  # renamed in place, but the data before the rename never reached the disk
+        name = "features.f16" if damage == "short features" else "greedy.i32"
+        with open(tmp_path / name, "r+b") as f:
+            f.truncate(8)
+    assert not FeatureStore.exists(tmp_path)
+
+
+def test_a_torn_inputs_record_makes_the_caches_again(tmp_path, capsys):
+    from dflash_edge.train.cli import forget_stale_caches
+
+    for name in ("sequences.jsonl", "features.json", "features.f16", "state.pt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "inputs.json").write_text('{"target": "tiny", "da')
+    forget_stale_caches(tmp_path, {"target": "tiny", "data": "prompts.jsonl"})
+    assert list(tmp_path.iterdir()) == [] and "made again" in capsys.readouterr().out
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_whole(tmp_path):
+    from dflash_edge.atomic import write_atomic, write_text_atomic
+
+    path = tmp_path / "history.json"
+    write_text_atomic(path, '{"step": 1}')
+
+    def dies_half_way(f):
+        f.write(b'{"st')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, dies_half_way)
+    assert path.read_text() == '{"step": 1}' and [p.name for p in tmp_path.iterdir()] == ["history.json"]
+    write_text_atomic(path, '{"step": 2}')
+    assert path.read_text() == '{"step": 2}'
 
 
 def _tiny_target(tiny_llama):
@@ -355,7 +593,6 @@ def test_fused_attention_keeps_packed_blocks_apart():
 
 
 def test_acceptance_replay_matches_the_runtime_loop_round_for_round(trained, tiny_llama, tmp_path):
-    import shutil
     from collections import Counter
 
     from dflash_edge.export.drafter import write_draft_vocab

@@ -9,6 +9,7 @@ mask at all, and the target's LM head turns rows 1..B-1 into the drafts. Referen
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,48 +55,84 @@ class DrafterConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "drafter config") -> "DrafterConfig":
-        refuse_unsupported(cfg, source)
+        if not isinstance(cfg, dict):
+            raise UserError(f"{source} is not a JSON object; it is not a DFlash drafter config")
         dcfg = cfg.get("dflash_config") or {}
+        if not isinstance(dcfg, dict):
+            raise UserError(f"{source}: dflash_config must be an object, got {_shown(dcfg)}")
+        for name in ("architectures", "layer_types"):
+            if cfg.get(name) is not None and not (isinstance(cfg[name], list) and
+                                                  all(isinstance(x, str) for x in cfg[name])):
+                raise UserError(f"{source}: {name} must be a list of names, got {_shown(cfg[name])}")
+        refuse_unsupported(cfg, source)
 
         def pick(name, default=None):
             # z-lab heads put these under dflash_config, others at the top level: accept both.
             return dcfg.get(name, cfg.get(name, default))
 
-        rope_theta, rope_scaling = rope_settings(cfg)
         missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                "vocab_size") if k not in cfg]
         if pick("mask_token_id") is None:
             missing.append("mask_token_id")
         if missing:
             raise UserError(f"{source} lacks {', '.join(missing)}; it is not a DFlash drafter config")
-        heads = cfg["num_attention_heads"]
-        num_layers = cfg["num_hidden_layers"]
-        num_target_layers = cfg.get("num_target_layers")
+        # Every size is checked before anything is computed or allocated from it: a string would raise a
+        # TypeError deep in torch, a zero a ZeroDivisionError, a huge size would try to allocate it.
+        sizes = {name: _whole(source, name, cfg[name]) for name in SIZE_LIMITS if name != "block_size" and
+                 name in cfg and not (name in _DERIVED_IF_NULL and cfg[name] is None)}
+        heads = sizes["num_attention_heads"]
+        kv_heads = sizes.get("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise UserError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                            f"{kv_heads}")
+        if "head_dim" not in sizes and sizes["hidden_size"] % heads:
+            raise UserError(f"{source}: hidden_size {sizes['hidden_size']} is not a multiple of "
+                            f"num_attention_heads {heads}, and there is no head_dim")
+        head_dim = sizes.get("head_dim", sizes["hidden_size"] // heads)
+        if head_dim % 2:
+            raise UserError(f"{source}: head_dim {head_dim} is odd; rotary embeddings need an even one")
+        num_layers = sizes["num_hidden_layers"]
+        num_target_layers = sizes.get("num_target_layers")
+        block_size = _whole(source, "block_size", pick("block_size", 16), 2, SIZE_LIMITS["block_size"])
+        mask_token_id = _whole(source, "mask_token_id", pick("mask_token_id"), 0, sizes["vocab_size"] - 1)
         tap_ids = pick("target_layer_ids")
         if tap_ids is None:
             if num_target_layers is None:
                 raise UserError(f"{source} has neither target_layer_ids nor num_target_layers")
             tap_ids = default_tap_layer_ids(num_target_layers, num_layers)
+        if not isinstance(tap_ids, list) or not tap_ids or len(tap_ids) > SIZE_LIMITS["num_target_layers"]:
+            raise UserError(f"{source}: target_layer_ids must be a non-empty list of layer ids, got "
+                            f"{_shown(tap_ids)}")
+        top = (num_target_layers or SIZE_LIMITS["num_target_layers"]) - 1
+        tap_ids = [_whole(source, "target_layer_ids", i, 0, top) for i in tap_ids]
+        params = _parameter_count(sizes["hidden_size"], sizes["intermediate_size"], num_layers, heads, kv_heads,
+                                  head_dim, len(tap_ids))
+        if params > MAX_DRAFTER_PARAMS:
+            raise UserError(f"{source} describes a drafter of {params / 1e9:.0f}B parameters, more than the "
+                            f"{MAX_DRAFTER_PARAMS / 1e9:.0f}B any DFlash drafter has; the config is damaged")
+        rope_theta, rope_scaling = _checked_rope(source, cfg)
         return cls(
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
+            hidden_size=sizes["hidden_size"],
+            intermediate_size=sizes["intermediate_size"],
             num_hidden_layers=num_layers,
             num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            vocab_size=cfg["vocab_size"],
-            block_size=int(pick("block_size", 16)),
-            mask_token_id=int(pick("mask_token_id")),
-            target_layer_ids=[int(i) for i in tap_ids],
-            num_target_layers=int(num_target_layers if num_target_layers is not None else max(tap_ids) + 4),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=sizes["vocab_size"],
+            block_size=block_size,
+            mask_token_id=mask_token_id,
+            target_layer_ids=tap_ids,
+            num_target_layers=num_target_layers if num_target_layers is not None else max(tap_ids) + 4,
+            rms_norm_eps=_number(source, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-6), positive=True),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            input_embedding_scale=float(pick("input_embedding_scale", 1.0)),
-            output_multiplier=float(pick("output_multiplier", 1.0)),
-            final_logit_softcapping=pick("final_logit_softcapping"),
+            max_position_embeddings=sizes.get("max_position_embeddings", 40960),
+            attention_bias=_flag(source, "attention_bias", cfg.get("attention_bias", False)),
+            input_embedding_scale=_number(source, "input_embedding_scale", pick("input_embedding_scale", 1.0)),
+            output_multiplier=_number(source, "output_multiplier", pick("output_multiplier", 1.0)),
+            final_logit_softcapping=(None if pick("final_logit_softcapping") is None else
+                                     _number(source, "final_logit_softcapping", pick("final_logit_softcapping"),
+                                             positive=True)),
             raw=dict(cfg),
         )
 
@@ -139,6 +176,70 @@ class DrafterConfig:
                               "target_layer_ids": self.target_layer_ids},
         })
         return cfg
+
+
+# Upper bounds for a drafter config's whole numbers, far above any released model's (hidden sizes go to
+# about 16,000, vocabularies to about 260,000, drafters have a handful of layers): they only stop a damaged
+# or hostile config from asking for terabytes before the parameter count below is even computed.
+SIZE_LIMITS = {
+    "hidden_size": 2**16, "intermediate_size": 2**19, "num_hidden_layers": 512, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "head_dim": 1024, "vocab_size": 2**22, "num_target_layers": 1024,
+    "max_position_embeddings": 2**24, "block_size": 1024,
+}
+# Fields read from the config's top level that may also be null, meaning "derive it".
+_DERIVED_IF_NULL = ("num_key_value_heads", "head_dim", "num_target_layers", "max_position_embeddings")
+# A drafter is a few layers beside its target, a small fraction of its size: this is far past any.
+MAX_DRAFTER_PARAMS = 20e9
+
+
+def _shown(value) -> str:
+    """A value for a one-line message, short whatever it is (a 5,000-digit int has no str() at all)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _whole(source: str, name: str, value, low: int = 1, high: int | None = None) -> int:
+    # bool is an int subclass: true would pass as 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{source}: {name} must be a whole number, got {_shown(value)}")
+    high = SIZE_LIMITS[name] if high is None else high
+    if not low <= value <= high:
+        raise UserError(f"{source}: {name} {_shown(value)} is outside {low}..{high}")
+    return value
+
+
+def _number(source: str, name: str, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            positive and value <= 0):
+        raise UserError(f"{source}: {name} must be a finite{' positive' * positive} number, got {_shown(value)}")
+    return float(value)
+
+
+def _flag(source: str, name: str, value) -> bool:
+    if not isinstance(value, bool):  # bool("false") is True
+        raise UserError(f"{source}: {name} must be true or false, got {_shown(value)}")
+    return value
+
+
+def _parameter_count(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                     taps: int) -> int:
+    """The drafter's own parameters (the fc, its layers and norms), by arithmetic: nothing is allocated."""
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads) + 2 * head_dim
+    layer = attention + 3 * hidden * intermediate + 2 * hidden
+    return taps * hidden * hidden + layers * layer + 2 * hidden
+
+
+def _checked_rope(source: str, cfg: dict) -> tuple[float, dict | None]:
+    for name in ("rope_parameters", "rope_scaling"):
+        if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+            raise UserError(f"{source}: {name} must be an object or null, got {_shown(cfg[name])}")
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        _number(source, "rope_theta", theta, positive=True)
+    return rope_settings(cfg)
 
 
 def rope_settings(cfg: dict) -> tuple[float, dict | None]:
@@ -310,9 +411,32 @@ def read_drafter_config(path: str | Path) -> DrafterConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_file} is not valid JSON ({e})") from None
     config = DrafterConfig.from_dict(raw, str(cfg_file))
-    if not any(path.glob("*.safetensors")):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         raise UserError(f"{path} has no *.safetensors weights")
+    check_tensor_names_unique(files)
     return config
+
+
+def check_tensor_names_unique(files: list[Path]) -> None:
+    """Refuse shards that hold the same tensor: loaded one after another, the later would silently win,
+    so which weights run would depend on file names. Only the headers are read."""
+    from safetensors import safe_open
+
+    first: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                names = list(handle.keys())
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+            raise UserError(f"cannot read {f}: {e}") from None
+        for name in names:
+            # z-lab's optional "model." prefix is dropped on loading, so both spellings are one tensor.
+            key = name.removeprefix("model.")
+            if key in first:
+                raise UserError(f"{f.parent}: tensor {key} is in both {first[key].name} and {f.name}; a "
+                                "drafter's *.safetensors files must not overlap")
+            first[key] = f
 
 
 def drafter_parameter_shapes(config: DrafterConfig) -> dict[str, tuple[int, ...]]:

@@ -6,6 +6,7 @@ manifest is written, so an interrupted export never leaves a folder a runtime wo
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
-from ..manifest import write_manifest
+from ..manifest import MANIFEST_NAME, write_manifest
 from .devices import apply_preset
 from .drafter import (DRAFT_VOCAB_FILE, DrafterConfig, default_tap_layer_ids, drafter_parameter_shapes, load_drafter,
                       read_draft_vocab, read_drafter_config)
@@ -175,8 +176,11 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
         raise UserError("--draft-vocab needs a drafter")
     tap_ids = parse_layers(layers)
     out = Path(output or Path("exports") / Path(model).stem).expanduser().resolve()
+    restore_killed_replacement(out, log)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    if out.exists():
+        check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -240,6 +244,7 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
         steps.finish()
         write_manifest(tmp, manifest)
         if out.exists():
+            check_replaceable(out)  # again: the folder may have been filled while the export ran
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
@@ -256,18 +261,63 @@ def export(model: str, output: str | None, dtype: str | None = None, layers: str
     return out
 
 
+def check_replaceable(out: Path) -> None:
+    """--force replaces an earlier export, or an empty folder; anything else is refused, since replacing
+    deletes it (a mistyped --output could name a home folder)."""
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder; --force replaces only an earlier export")
+    if (out / MANIFEST_NAME).is_file():
+        return
+    if any(out.iterdir()):
+        raise UserError(f"{out} is not a dflash-edge export (no {MANIFEST_NAME}) and not empty; --force "
+                        "replaces only an earlier export, so nothing was deleted: choose another --output")
+
+
+def _dead(pid_text: str) -> bool:
+    """Whether the process named in a temporary folder's name is gone (not a number: not ours)."""
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's live process
+    return False
+
+
+def restore_killed_replacement(out: Path, log) -> None:
+    """Put back the export a killed --force left aside: replacing renames `out` to .NAME.old-PID, then the
+    new folder into place, so a kill between the two leaves no `out`, only the old one under its aside
+    name. Only a folder whose process is gone and that holds a manifest is touched."""
+    if out.exists():
+        return
+    aside = [p for p in out.parent.glob(f".{glob.escape(out.name)}.old-*")
+             if _dead(p.name.rsplit("-", 1)[-1]) and (p / MANIFEST_NAME).is_file()]
+    if not aside:
+        return
+    # Several can exist (one killed after its second rename leaves its old folder beside a whole `out`,
+    # which a later kill can then set aside too); a rename sets ctime, so the newest ctime is the last.
+    latest = max(aside, key=lambda p: p.stat().st_ctime)
+    try:
+        latest.rename(out)
+    except OSError as e:
+        raise UserError(f"{out} is missing and an interrupted export left it as {latest}, which cannot be "
+                        f"renamed back ({e.strerror}); rename it yourself") from None
+    log(f"      restored {out} from {latest.name}, which an interrupted export had set aside")
+
+
 def remove_stale_partials(out: Path) -> None:
-    """Delete what killed exports to `out` left behind (their process is gone)."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+    """Delete what killed exports to `out` left behind (their process is gone): unfinished folders, and
+    an earlier export set aside by a --force whose new folder is already in place (deleting it was the
+    last thing that export had left to do; restore_killed_replacement has run, so `out` holds one)."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        if _dead(stale.name.rsplit("-", 1)[-1]):
             shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:
-            pass  # another user's live process
+    if (out / MANIFEST_NAME).is_file():
+        for aside in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
+            if _dead(aside.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(aside, ignore_errors=True)
 
 
 def pick_draft_vocab(drafter_path: Path, vocab_size: int, wanted: int | None, log) -> list[int] | None:

@@ -115,6 +115,8 @@ class Request:
                              f"tokens", where, code="context_length_exceeded")
         self.ids = prompt_ids(model.model, self.prompt, settings.allow_special_tokens) if chat else \
             model.model.tokenizer.encode(self.prompt)
+        if not self.ids:  # checked here: the generation would refuse it too, but as a 500
+            raise BadRequest("the prompt is empty", where)
         if len(self.ids) + self.max_tokens > limit:
             raise BadRequest(f"the prompt has {len(self.ids)} tokens and max_tokens is {self.max_tokens}: more than "
                              f"the model's context of {limit}", where, code="context_length_exceeded")
@@ -174,6 +176,7 @@ def finish_reason(result: Result) -> str:
 
 
 ROUTES = {"/v1/chat/completions": True, "/v1/completions": False}
+GET_ROUTES = ("/health", "/v1/models")
 
 
 def _host_name(value: str) -> str:
@@ -319,6 +322,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             self.send_json(200, {"object": "list", "data": [
                 {"id": self.server.model_id, "object": "model", "created": self.server.started, "owned_by": "dflash-edge"}]})
+        elif self.path in ROUTES:
+            self.send_error_json(BadRequest("this route takes POST", status=405), {"Allow": "POST"})
         else:
             self.send_error_json(BadRequest("no such route", status=404))
 
@@ -358,6 +363,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         if self.refused():
+            return
+        if self.path in GET_ROUTES:
+            self.send_error_json(BadRequest("this route takes GET", status=405), {"Allow": "GET"})
             return
         if self.path not in ROUTES:
             self.send_error_json(BadRequest("no such route", status=404))
@@ -483,6 +491,9 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, model: DFlashModel, model_id: str, quiet: bool = False,
                  settings: Settings | None = None):
         self.settings = settings or Settings()
+        # socketserver's backlog is 5: while the accept loop waits for the GIL (a generation holds it), a
+        # burst of clients overflowed it and got timeouts or resets instead of an answer or a 503.
+        self.request_queue_size = max(self.settings.max_connections, 5)
         super().__init__(address, Handler)
         self.model, self.model_id, self.quiet = model, model_id, quiet
         self.started = int(time.time())
@@ -586,12 +597,12 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
-    print(f"serving {model_id} on http://{host}:{port}/v1 (DFlash {'on' if model.model.has_drafter else 'off'})",
-          file=sys.stderr, flush=True)
-    if not server.loopback and settings.api_key is None:
-        print(f"warning: {host} is reachable from other machines and no --api-key (or DFLASH_API_KEY) is set: "
-              f"anyone who can reach it can use it", file=sys.stderr, flush=True)
-    try:
+    try:  # from the "serving" line on: a Ctrl-C that came right after it exited 130, "interrupted"
+        print(f"serving {model_id} on http://{host}:{port}/v1 (DFlash {'on' if model.model.has_drafter else 'off'})",
+              file=sys.stderr, flush=True)
+        if not server.loopback and settings.api_key is None:
+            print(f"warning: {host} is reachable from other machines and no --api-key (or DFLASH_API_KEY) is set: "
+                  f"anyone who can reach it can use it", file=sys.stderr, flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

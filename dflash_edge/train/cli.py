@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..errors import UserError, run_cli
 
 
@@ -121,8 +122,13 @@ def forget_stale_caches(work: Path, inputs: dict) -> None:
     """Sequences, features and training state cached for other inputs (more shards since, other taps) are
     made again: the cache folder belongs to one set of inputs."""
     record = work / "inputs.json"
-    if not record.is_file() or json.loads(record.read_text()) == inputs:
+    if not record.is_file():
         return
+    try:
+        if json.loads(record.read_text()) == inputs:
+            return
+    except (OSError, ValueError):
+        pass  # a torn or unreadable record vouches for nothing: the caches are made again
     print(f"      the inputs changed since {work} was filled: its sequences, features and training state are "
           f"made again")
     for name in ("sequences.jsonl", "features.json", "features.f16", "greedy.i32", "inputs.json", "state.pt"):
@@ -236,7 +242,7 @@ def main(argv=None) -> int:
         if args.text:
             seqs += text_sequences(tokenizer, text_files(args.text), args.seq_len, args.text_tokens)
         save_sequences(seq_file, seqs)
-        (work / "inputs.json").write_text(json.dumps(inputs, indent=1) + "\n")
+        write_text_atomic(work / "inputs.json", json.dumps(inputs, indent=1) + "\n")
     n_tokens = sum(len(s.tokens) for s in seqs)
     n_supervised = sum(sum(s.loss_mask) for s in seqs)
     print(f"      {len(seqs)} sequences, {n_tokens} tokens, {n_supervised} supervised")
@@ -293,7 +299,7 @@ def main(argv=None) -> int:
         "steps": result["step"], "minutes": round((time.perf_counter() - t_start) / 60, 1),
         "final": {k: result.get(k) for k in ("loss", "tau_estimate")}, "history": result["history"],
     }
-    (output / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(output / "training_report.json", json.dumps(report, indent=1) + "\n")
     print(f"done: loss {result.get('loss', float('nan')):.3f}, held-out tau estimate "
           f"{result.get('tau_estimate', float('nan')):.2f}")
     print(f"export it: dflash-export --model {args.target} --drafter {output}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_atomic
 from ..errors import UserError
 from ..jsonl import read_jsonl
 from .generate import greedy_batch
@@ -191,11 +192,11 @@ def shard_sequences(folders: list[Path], vocab_size: int, max_tokens: int | None
 
 
 def save_sequences(path: Path, seqs: list[Sequence]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    def write(f):
         for s in seqs:
-            f.write(json.dumps({"tokens": s.tokens, "loss_mask": s.loss_mask}) + "\n")
-    tmp.rename(path)
+            f.write((json.dumps({"tokens": s.tokens, "loss_mask": s.loss_mask}) + "\n").encode())
+
+    write_atomic(path, write)
 
 
 def load_sequences(path: Path) -> list[Sequence]:

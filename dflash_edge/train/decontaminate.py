@@ -1,8 +1,9 @@
 """Keeping the evaluation sets out of training prompts: HumanEval and MT-Bench (both turns).
 
 A prompt is refused when it shares a run of eight words with any evaluation prompt (the usual n-gram
-overlap rule, shortened for prompts of a few dozen words), contains a whole short MT-Bench turn or the
-first line of a HumanEval docstring, or names a distinctive HumanEval function (a name with an underscore, or a long one called). Used on every prompt the target writes itself
+overlap rule, shortened for prompts of a few dozen words), contains a whole short MT-Bench turn or any
+line of 20+ characters of a HumanEval docstring, or names a distinctive HumanEval function (a name with an
+underscore, or a long one called). Used on every prompt the target writes itself
 (selfquery.py) and, by the tests, on every generated prompt set.
 """
 from __future__ import annotations
@@ -28,13 +29,11 @@ def _evaluation() -> tuple[frozenset, tuple[str, ...], frozenset]:
 
     mtbench = load_prompts("mtbench", all_turns=True)
     humaneval = load_prompts("humaneval")
-    docs = []
-    for prompt in humaneval:
-        quote = '"""' if '"""' in prompt else "'''"
-        if quote in prompt:
-            line = " ".join(words(prompt.split(quote)[1].strip().splitlines()[0]))
-            if len(line) >= 20:
-                docs.append(line)
+    # Every docstring line, not only the first: a later line ("separate those groups into ...") is as
+    # telling as the first, and tests/test_train.py holds the committed prompts to the same rule.
+    lines = {" ".join(words(line)) for prompt in humaneval for quote in ('"""', "'''")
+             for doc in prompt.split(quote)[1::2] for line in doc.splitlines()}
+    docs = sorted(line for line in lines if len(line) >= 20)
     names = {p.split("def ")[-1].split("(")[0] for p in humaneval}
     distinctive = frozenset(n.lower() for n in names if "_" in n or len(n) >= 8)
     grams = frozenset(g for text in mtbench + humaneval for g in shingles(text))

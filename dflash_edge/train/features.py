@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import replace_durably, write_text_atomic
 from .data import Sequence
 
 
@@ -56,12 +57,23 @@ class FeatureStore:
 
     @staticmethod
     def exists(folder: Path) -> bool:
-        """A complete cache: features.json (written last) parses and its files are there."""
+        """A complete cache: features.json (written last) parses, and the files it describes are there at
+        the sizes it implies. Anything less (a torn write, a cache from an interrupted run) counts as
+        absent, so the features are computed again rather than a rerun failing on them."""
         try:
             meta = json.loads((folder / "features.json").read_text())
-        except (OSError, ValueError):
+            offsets, width, top_k = meta["offsets"], meta["width"], meta.get("top_k", 0)
+            total = offsets[-1]
+            if not (isinstance(total, int) and isinstance(width, int) and isinstance(top_k, int) and top_k >= 0):
+                return False
+            sizes = {"features.f16": total * width * 2}
+            if (folder / "greedy.i32").exists():
+                sizes["greedy.i32"] = total * 4
+            if top_k:
+                sizes.update({"topk_ids.i32": total * top_k * 4, "topk_probs.f16": total * top_k * 2})
+            return all((folder / name).stat().st_size == size for name, size in sizes.items())
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return False
-        return isinstance(meta, dict) and (folder / "features.f16").is_file()
 
 
 @torch.no_grad()
@@ -72,6 +84,8 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
     offsets = [0]
     for s in seqs:
         offsets.append(offsets[-1] + len(s.tokens))
+    # An older index must not describe the files this pass is about to replace.
+    (folder / "features.json").unlink(missing_ok=True)
     tmp, tmp_greedy = folder / "features.f16.tmp", folder / "greedy.i32.tmp"
     data = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(offsets[-1], width))
     choices = np.memmap(tmp_greedy, dtype=np.int32, mode="w+", shape=(offsets[-1],))
@@ -119,11 +133,10 @@ def compute_features(target, seqs: list[Sequence], folder: Path, device: str, lo
         top_ids.flush()
         top_probs.flush()
         del top_ids, top_probs
-        tmp_ids.rename(folder / "topk_ids.i32")
-        tmp_probs.rename(folder / "topk_probs.f16")
-    tmp_greedy.rename(folder / "greedy.i32")
-    tmp.rename(folder / "features.f16")
-    meta = folder / "features.json.tmp"
-    meta.write_text(json.dumps({"offsets": offsets, "width": width, "top_k": top_k}))
-    meta.rename(folder / "features.json")
+        replace_durably(tmp_ids, folder / "topk_ids.i32")
+        replace_durably(tmp_probs, folder / "topk_probs.f16")
+    replace_durably(tmp_greedy, folder / "greedy.i32")
+    replace_durably(tmp, folder / "features.f16")
+    # The index goes last: while it is missing or torn, exists() treats the cache as absent.
+    write_text_atomic(folder / "features.json", json.dumps({"offsets": offsets, "width": width, "top_k": top_k}))
     return FeatureStore(folder)

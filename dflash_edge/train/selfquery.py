@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..errors import UserError, run_cli
 
 MARK = "\u2063QUERY\u2063"  # a string no chat template writes, to find where the user's text would start
@@ -48,13 +49,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def judge(out: list[int], stops: set[int], special: set[int], decode, seen: set[str]) -> tuple[str, str | None]:

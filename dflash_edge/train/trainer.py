@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_atomic, write_text_atomic
 from ..errors import UserError
 from ..export.drafter import DFlashDrafter, save_drafter
 from .features import FeatureStore
@@ -119,17 +120,26 @@ def unfold_feature_scale(drafter: DFlashDrafter, scale: torch.Tensor) -> None:
         drafter.fc.weight.div_(scale.to(drafter.fc.weight)[None, :])
 
 
+def held_out_split(count: int, cfg: TrainConfig, rng: random.Random | None = None) -> tuple[list[int], list[int]]:
+    """(evaluated ids, training ids): a twentieth of the sequences is held out, of which at most
+    cfg.eval_sequences are evaluated. train() passes its own generator (seeded with cfg.seed) and keeps
+    drawing from it; anyone else gets the same split from cfg alone."""
+    if rng is None:
+        rng = random.Random(cfg.seed)
+    order = list(range(count))
+    rng.shuffle(order)
+    n_eval = max(1, len(order) // 20)
+    eval_ids, train_ids = order[:n_eval], order[n_eval:] or order
+    return eval_ids[:cfg.eval_sequences], train_ids  # the whole split is held out; a fixed sample keeps evals cheap
+
+
 def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: TrainConfig, vocab_subset=None,
           log=print, feature_scale: torch.Tensor | None = None) -> dict:
     """Train in place; resumes from work/state.pt if it exists. Returns the final metrics.
 
     With feature_scale, the drafter sees features * feature_scale (fold it into fc before saving)."""
     rng = random.Random(cfg.seed)
-    order = list(range(len(seqs)))
-    rng.shuffle(order)
-    n_eval = max(1, len(order) // 20)
-    eval_ids, train_ids = order[:n_eval], order[n_eval:] or order
-    eval_ids = eval_ids[:cfg.eval_sequences]  # the whole split is held out; a fixed sample keeps evals cheap
+    eval_ids, train_ids = held_out_split(len(seqs), cfg, rng)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, history, metrics = 0, [], {}
@@ -208,15 +218,14 @@ def train(drafter: DFlashDrafter, store: FeatureStore, seqs, work: Path, cfg: Tr
             save_state(drafter, opt, step, history, rng, work)
     if step % cfg.save_every:
         save_state(drafter, opt, step, history, rng, work)
-    (work / "history.json").write_text(json.dumps({"config": asdict(cfg), "history": history}, indent=1))
+    write_text_atomic(work / "history.json", json.dumps({"config": asdict(cfg), "history": history}, indent=1))
     return {"step": step, "history": history, **metrics}
 
 
 def save_state(drafter, opt, step, history, rng, work: Path) -> None:
-    tmp = work / "state.pt.tmp"
-    torch.save({"model": drafter.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "history": history, "rng": rng.getstate()}, tmp)
-    tmp.rename(work / "state.pt")
+    state = {"model": drafter.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "history": history, "rng": rng.getstate()}
+    write_atomic(work / "state.pt", lambda f: torch.save(state, f))
 
 
 def is_checkpoint(folder: Path) -> bool:
