@@ -86,8 +86,9 @@ def markdown(report: dict) -> str:
     cal = report.get("calibration")
     if cal:
         lines += [f"Cost of one round in single-token target steps (context {cal['context']}): verify "
-                  f"{cal['block']} tokens {cal['verify_ratio']:.2f}, draft {cal['draft_ratio']:.2f}; the ceiling "
-                  f"at acceptance tau is tau / {cal['verify_ratio'] + cal['draft_ratio']:.2f}.", ""]
+                  f"{cal['block']} tokens {cal['verify_ratio']:.2f}, draft {cal['draft_ratio']:.2f}; the start-up "
+                  f"estimate at acceptance tau is tau / {cal['verify_ratio'] + cal['draft_ratio']:.2f} (an "
+                  f"estimate from start-up timings, not a ceiling: measured runs can exceed it).", ""]
         growth = cal.get("context_growth", {})
         if growth.get("growth") is not None:
             steps = growth["step_ms"]
@@ -126,7 +127,8 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> bool:
-    """Speed-up over plain decoding against tau: one point per prompt and method, the ceiling as a line.
+    """Speed-up over plain decoding against tau: one point per prompt and method, the start-up
+    estimate tau / (verify + draft) as a line.
     Returns False when matplotlib is not installed (pip install dflash-edge[bench])."""
     try:
         import matplotlib
@@ -150,7 +152,7 @@ def plot(report: dict, path: Path) -> bool:
         top = max([2.0, *taus])
         xs = [1 + i * (top - 1) / 50 for i in range(51)]
         ax.plot(xs, [x / (cal["verify_ratio"] + cal["draft_ratio"]) for x in xs], "k--", lw=1,
-                label="ceiling: tau / (verify + draft cost)")
+                label="start-up estimate: tau / (verify + draft cost)")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("tau (tokens per verify round)")
     ax.set_ylabel("decode speed-up over plain ORT decoding")
