@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import UserError
 
 FORMAT = 1
@@ -51,15 +52,6 @@ def machine() -> dict:
     from ..machine import cpu_name
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version()}
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -174,7 +166,7 @@ class ShardWriter:
             "prompt_ids": np.array([i for i, *_ in self._rows], dtype=np.uint64),
         }
         path = self.folder / self._entry["file"]
-        _write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+        write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
         self._entry.update({
             "sha256": file_sha256(path), "sequences": len(self._rows), "tokens": int(len(arrays["tokens"])),
             "reply_tokens": sum(len(r) for _, _, r, _ in self._rows),
@@ -182,7 +174,7 @@ class ShardWriter:
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
         text = json.dumps(self.manifest, indent=1, ensure_ascii=False) + "\n"
-        _write_atomic(self.folder / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+        write_atomic(self.folder / MANIFEST, lambda f: f.write(text.encode("utf-8")))
 
 
 def summary(folders: list[Path]) -> dict:
